@@ -1,0 +1,146 @@
+// CPU kernels of the msplora ops. The GEMMs are ATen's (MKL/oneDNN); what is
+// ours is the fusion: all levels in one shrink and one expand, the expand and
+// the LoRA dx term added in place into the base GEMM's output, and the dropout
+// mask regenerated from its seed instead of stored.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../dropout_hash.h"
+#include "../shape_checks.h"
+
+namespace msplora {
+namespace {
+
+// out = src * mask (out may alias src). src and out are contiguous (rows, cols).
+void apply_dropout_cpu(const at::Tensor& src, at::Tensor& out, double p, int64_t seed) {
+  const int64_t n = src.numel();
+  const float keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  const float pf = static_cast<float>(p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "msplora_dropout", [&] {
+    const scalar_t* in = src.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float m = dropout_multiplier(static_cast<uint64_t>(seed), static_cast<uint64_t>(i), pf, keep_scale);
+        o[i] = static_cast<scalar_t>(static_cast<float>(in[i]) * m);
+      }
+    });
+  });
+}
+
+int64_t read_seed(double p, const at::Tensor& seed) {
+  return p > 0.0 ? seed.item<int64_t>() : 0;
+}
+
+at::Tensor dropped(const at::Tensor& x, double p, const at::Tensor& seed) {
+  at::Tensor xc = x.contiguous();
+  if (p == 0.0) return xc;
+  at::Tensor out = at::empty_like(xc);
+  apply_dropout_cpu(xc, out, p, read_seed(p, seed));
+  return out;
+}
+
+at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, double p, const at::Tensor& seed) {
+  check_matrix(x, "x");
+  check_matrix(a, "a");
+  check_same(a, x, "a", "x");
+  check_dim(a.size(0), x.size(1), "a.size(0) vs x.size(1) (in_features)");
+  check_dropout(p, seed);
+  return at::mm(dropped(x, p, seed), a);
+}
+
+at::Tensor expand_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                             const at::Tensor& t, const at::Tensor& b) {
+  check_matrix(x, "x");
+  check_matrix(weight, "weight");
+  check_matrix(t, "t");
+  check_matrix(b, "b");
+  check_same(weight, x, "weight", "x");
+  check_same(t, x, "t", "x");
+  check_same(b, x, "b", "x");
+  check_dim(weight.size(1), x.size(1), "weight.size(1) vs x.size(1) (in_features)");
+  check_dim(t.size(0), x.size(0), "t.size(0) vs x.size(0) (rows)");
+  check_dim(b.size(0), t.size(1), "b.size(0) vs t.size(1) (total rank)");
+  check_dim(b.size(1), weight.size(0), "b.size(1) vs weight.size(0) (out_features)");
+  at::Tensor y;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "msplora: bias must have shape (",
+                weight.size(0), ",), got ", bias->sizes());
+    check_same(*bias, x, "bias", "x");
+    y = at::addmm(*bias, x, weight.t());
+  } else {
+    y = at::mm(x, weight.t());
+  }
+  // The LoRA expand accumulates into the base output: no second pass over y.
+  y.addmm_(t, b);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> grad_t_b_cpu(const at::Tensor& dy, const at::Tensor& t, const at::Tensor& b) {
+  check_matrix(dy, "dy");
+  check_matrix(t, "t");
+  check_matrix(b, "b");
+  check_same(t, dy, "t", "dy");
+  check_same(b, dy, "b", "dy");
+  check_dim(t.size(0), dy.size(0), "t.size(0) vs dy.size(0) (rows)");
+  check_dim(b.size(0), t.size(1), "b.size(0) vs t.size(1) (total rank)");
+  check_dim(b.size(1), dy.size(1), "b.size(1) vs dy.size(1) (out_features)");
+  return {at::mm(dy, b.t()), at::mm(t.t(), dy)};
+}
+
+at::Tensor grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dt, const at::Tensor& a,
+                      double p, const at::Tensor& seed) {
+  check_matrix(dy, "dy");
+  check_matrix(weight, "weight");
+  check_matrix(dt, "dt");
+  check_matrix(a, "a");
+  check_same(weight, dy, "weight", "dy");
+  check_same(dt, dy, "dt", "dy");
+  check_same(a, dy, "a", "dy");
+  check_dim(weight.size(0), dy.size(1), "weight.size(0) vs dy.size(1) (out_features)");
+  check_dim(dt.size(0), dy.size(0), "dt.size(0) vs dy.size(0) (rows)");
+  check_dim(a.size(0), weight.size(1), "a.size(0) vs weight.size(1) (in_features)");
+  check_dim(a.size(1), dt.size(1), "a.size(1) vs dt.size(1) (total rank)");
+  check_dropout(p, seed);
+  at::Tensor dx = at::mm(dy, weight);
+  if (p == 0.0) {
+    dx.addmm_(dt, a.t());
+  } else {
+    // Only the LoRA branch saw the dropped input, so only its term is masked.
+    at::Tensor lora = at::mm(dt, a.t());
+    apply_dropout_cpu(lora, lora, p, read_seed(p, seed));
+    dx.add_(lora);
+  }
+  return dx;
+}
+
+at::Tensor grad_a_cpu(const at::Tensor& x, const at::Tensor& dt, double p, const at::Tensor& seed) {
+  check_matrix(x, "x");
+  check_matrix(dt, "dt");
+  check_same(dt, x, "dt", "x");
+  check_dim(dt.size(0), x.size(0), "dt.size(0) vs x.size(0) (rows)");
+  check_dropout(p, seed);
+  return at::mm(dropped(x, p, seed).t(), dt);
+}
+
+at::Tensor dropout_mask_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
+  check_dropout(p, seed);
+  at::Tensor ones = at::ones(x.sizes(), x.options());
+  if (p == 0.0) return ones;
+  apply_dropout_cpu(ones, ones, p, read_seed(p, seed));
+  return ones;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(msplora, CPU, m) {
+  m.impl("shrink", &shrink_cpu);
+  m.impl("expand_linear", &expand_linear_cpu);
+  m.impl("grad_t_b", &grad_t_b_cpu);
+  m.impl("grad_x", &grad_x_cpu);
+  m.impl("grad_a", &grad_a_cpu);
+  m.impl("dropout_mask", &dropout_mask_cpu);
+}
+
+}  // namespace msplora

@@ -1,0 +1,89 @@
+"""Which implementation runs: discovery, preference order and explicit choice.
+
+A backend chosen automatically may quietly fall back; a backend the user names
+(argument or MSPLORA_BACKEND) either runs or raises.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import _native
+
+ALL_BACKENDS = ("torch", "cpp", "cuda", "triton")
+ENV_VAR = "MSPLORA_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+
+        from . import triton_kernels  # noqa: F401
+    except Exception as exc:  # any failure means the backend is not usable
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends(device="cpu") -> list[str]:
+    """Backends usable for tensors on `device`, best first."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        names = []
+        if _triton_import_error() is None:
+            names.append("triton")
+        if _native.has_kernel("CUDA"):
+            names.append("cuda")
+        return names + ["torch"]
+    if dev.type == "cpu":
+        names = ["cpp"] if _native.has_kernel("CPU") else []
+        names.append("torch")
+        # The interpreter is for testing the kernels on the CPU, never the fast path.
+        if triton_interpreter_on() and _triton_import_error() is None:
+            names.append("triton")
+        return names
+    return ["torch"]
+
+
+def resolve_backend(backend: str | None, device) -> str:
+    """The backend to run: the argument, else $MSPLORA_BACKEND, else the best available."""
+    requested, source = backend, "backend="
+    if requested is None and os.environ.get(ENV_VAR):
+        requested, source = os.environ[ENV_VAR], f"${ENV_VAR}="
+    available = available_backends(device)
+    if requested is None:
+        return available[0]
+    if requested not in ALL_BACKENDS:
+        raise ValueError(f"msplora: unknown backend {source}{requested!r}; choose one of {list(ALL_BACKENDS)}")
+    if requested not in available:
+        why = ""
+        if requested in ("cpp", "cuda") and not _native.loaded():
+            why = f" (the compiled extension did not load: {_native.LOAD_ERROR})"
+        elif requested == "triton" and _triton_import_error() is not None:
+            why = f" (triton: {_triton_import_error()})"
+        elif requested == "triton" and torch.device(device).type == "cpu":
+            why = " (on the CPU, triton runs only under TRITON_INTERPRET=1)"
+        raise RuntimeError(
+            f"msplora: backend {source}{requested!r} is not available for device {torch.device(device)}{why}; "
+            f"available: {available}"
+        )
+    return requested
+
+
+def fused_op_table(name: str):
+    """The op table of a fused backend: shrink, expand_linear, grad_t_b, grad_x, grad_a, dropout_mask."""
+    if name in ("cpp", "cuda"):
+        from .native_ops import op_table
+
+        return op_table()
+    if name == "triton":
+        from .triton_kernels import ops
+
+        return ops
+    raise ValueError(f"msplora: {name!r} is not a fused backend")

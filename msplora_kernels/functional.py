@@ -1,0 +1,80 @@
+"""msplora_linear: the functional contract that every backend implements."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+
+from .autograd import FusedMSPLoRAFunction
+from .backends import resolve_backend
+from .reference import msplora_linear_reference, torch_dropout_mask
+from .validation import check_inputs
+
+_SEED_HIGH = 2**31 - 1
+
+
+def draw_seed(device) -> torch.Tensor:
+    """A dropout seed from torch's RNG, as a one-element int64 tensor on `device`.
+
+    Drawn from the global generator, so torch.manual_seed makes runs repeatable
+    and activation checkpointing (which restores RNG state) redraws the same mask.
+    """
+    return torch.randint(0, _SEED_HIGH, (1,), device=device, dtype=torch.int64)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(t, dtype):
+    # Like autocast: only the float types autocast touches are cast; fp64 stays.
+    if t is None or t.dtype == dtype or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def msplora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    *,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """y = x W^T + b + sum_i scales[i] * (dropout(x) As[i]) Bs[i].
+
+    x is (..., in_features), weight (out_features, in_features), As[i] (in_features, r_i),
+    Bs[i] (r_i, out_features). One dropout mask on x is shared by all levels and applies
+    only when `training` and dropout_p > 0. Adapter factors of another float dtype than x
+    are cast to x's dtype (gradients flow back in theirs), so fp32 adapters can sit on a
+    bf16 base. Under torch.autocast the inputs are cast like nn.Linear's.
+    """
+    amp_dtype = _autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    check_inputs(x, weight, bias, As, Bs, scales, dropout_p, same_dtype=amp_dtype is None)
+    if amp_dtype is not None:
+        x, weight, bias = _cast(x, amp_dtype), _cast(weight, amp_dtype), _cast(bias, amp_dtype)
+        check_inputs(x, weight, bias, As, Bs, scales, dropout_p)
+    As = [a if a.dtype == x.dtype else a.to(x.dtype) for a in As]
+    Bs = [b if b.dtype == x.dtype else b.to(x.dtype) for b in Bs]
+    name = resolve_backend(backend, x.device)
+    p = float(dropout_p) if training else 0.0
+    with torch.autocast(x.device.type, enabled=False) if amp_dtype is not None else contextlib.nullcontext():
+        if name == "torch":
+            mask = None
+            if p > 0:
+                mask = torch_dropout_mask(x.shape, p, int(draw_seed("cpu")), x.device, x.dtype)
+            return msplora_linear_reference(x, weight, bias, As, Bs, scales, mask)
+        a = torch.cat([a_i * float(s) for a_i, s in zip(As, scales)], dim=1)
+        b = torch.cat(list(Bs), dim=0)
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        seed = draw_seed(x.device) if p > 0 else torch.empty(0, dtype=torch.int64, device=x.device)
+        y = FusedMSPLoRAFunction.apply(x2d, weight, bias, a, b, p, seed, name)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+

@@ -1,0 +1,189 @@
+"""MSPLoraLinear: a drop-in nn.Linear with a multi-scale pyramid of low-rank updates."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .functional import msplora_linear
+
+
+class LoraLevel(nn.Module):
+    """One level's factors: A (in_features x rank, Gaussian) and B (rank x out_features, zero).
+
+    The level's output is scale * (x A) B with scale = alpha / rank. A level may be
+    shared by several MSPLoraLinear layers; it is then registered once, by its owner.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float = 16.0, *, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"LoraLevel: rank must be an int >= 1, got {rank!r}")
+        self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, float(alpha)
+        self.A = nn.Parameter(torch.empty(in_features, rank, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.empty(rank, out_features, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def reset_parameters(self) -> None:
+        # Kaiming-normal on A's fan-in; B = 0 so a fresh adapter changes nothing.
+        nn.init.normal_(self.A, std=1.0 / math.sqrt(self.in_features))
+        nn.init.zeros_(self.B)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
+
+
+def _per_level(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"MSPLoraLinear: {name} has {len(value)} entries but there are {n} levels")
+        return list(value)
+    return [value] * n
+
+
+class MSPLoraLinear(nn.Module):
+    """y = x W^T + b + sum_i (alpha_i / r_i) (dropout(x) A_i) B_i, with W and b frozen.
+
+    Levels are ordered as `ranks` (highest first: global, mid, layer). `levels` may pass
+    in existing LoraLevel objects, one per rank (None where the layer should own a new
+    one); a passed level is referenced, not registered, so its owner registers it once
+    and its gradient sums over every layer that uses it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        ranks: Sequence[int] = (8, 4, 2),
+        lora_alpha=16,
+        dropout: float = 0.0,
+        levels: Optional[Sequence[Optional[LoraLevel]]] = None,
+        backend: Optional[str] = None,
+        device=None,
+        dtype=None,
+        _weight: Optional[nn.Parameter] = None,
+        _bias: Optional[nn.Parameter] = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        factory = {"device": device, "dtype": dtype}
+        if _weight is None:
+            base = nn.Linear(in_features, out_features, bias=bias, **factory)
+            _weight, _bias = base.weight, base.bias
+        self.weight = _weight
+        self.bias = _bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        if not (0.0 <= float(dropout) < 1.0):
+            raise ValueError(f"MSPLoraLinear: dropout must be in [0, 1), got {dropout!r}")
+        self.dropout = float(dropout)
+        self.backend = backend
+        self.merged = False
+        self._build_levels(ranks, lora_alpha, levels, self.weight.device, self.weight.dtype if dtype is None else dtype)
+
+    def _build_levels(self, ranks, lora_alpha, levels, device, dtype) -> None:
+        # A passed-in level brings its own rank; `ranks` fills the entries left None.
+        given = list(levels) if levels is not None else [None] * len(ranks)
+        n = len(given)
+        if n == 0:
+            raise ValueError("MSPLoraLinear: at least one level is needed; ranks is empty")
+        if any(lvl is None for lvl in given) and len(ranks) != n:
+            raise ValueError(f"MSPLoraLinear: levels has {n} entries but ranks has {len(ranks)}")
+        alphas = _per_level(lora_alpha, n, "lora_alpha")
+        self.own_levels = nn.ModuleDict()
+        refs = []
+        for i, (alpha, lvl) in enumerate(zip(alphas, given)):
+            if lvl is None:
+                lvl = LoraLevel(self.in_features, self.out_features, ranks[i], alpha, device=device, dtype=dtype)
+                self.own_levels[str(i)] = lvl
+            elif (lvl.in_features, lvl.out_features) != (self.in_features, self.out_features):
+                raise ValueError(
+                    f"MSPLoraLinear: levels[{i}] is for ({lvl.in_features} -> {lvl.out_features}) but this layer is "
+                    f"({self.in_features} -> {self.out_features})"
+                )
+            refs.append(lvl)
+        # A plain tuple: nn.Module does not register its items, so shared levels stay owned by one module.
+        self._levels = tuple(refs)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "MSPLoraLinear":
+        """Wrap an existing nn.Linear, reusing (not copying) its weight and bias Parameters."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"MSPLoraLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        kwargs.setdefault("dtype", linear.weight.dtype)
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            _weight=linear.weight,
+            _bias=linear.bias,
+            device=linear.weight.device,
+            **kwargs,
+        )
+
+    @property
+    def levels(self) -> tuple:
+        return self._levels
+
+    @property
+    def ranks(self) -> tuple:
+        return tuple(lvl.rank for lvl in self._levels)
+
+    @property
+    def scales(self) -> tuple:
+        return tuple(lvl.scale for lvl in self._levels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return nn.functional.linear(x, self.weight, self.bias)
+        return msplora_linear(
+            x,
+            self.weight,
+            self.bias,
+            [lvl.A for lvl in self._levels],
+            [lvl.B for lvl in self._levels],
+            list(self.scales),
+            dropout_p=self.dropout,
+            training=self.training,
+            backend=self.backend,
+        )
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update sum_i s_i (A_i B_i)^T, shaped and typed like weight."""
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        delta = sum(lvl.scale * (lvl.A.to(acc) @ lvl.B.to(acc)) for lvl in self._levels)
+        return delta.T.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into weight: forward becomes a plain linear."""
+        if self.merged:
+            return
+        self.weight.add_(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.weight.sub_(self.delta_weight())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        shared = [i for i, lvl in enumerate(self._levels) if lvl not in self.own_levels.values()]
+        alphas = tuple(f"{lvl.alpha:g}" for lvl in self._levels)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"ranks={self.ranks}, alpha=({', '.join(alphas)}), dropout={self.dropout:g}, shared_levels={shared}"
+            + (", merged=True" if self.merged else "")
+        )

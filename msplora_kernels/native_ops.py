@@ -1,0 +1,42 @@
+"""Python-side registrations of the compiled msplora ops: fake kernels for torch.compile.
+
+The schemas and the device kernels live in csrc/; the dispatcher picks the CPU
+or CUDA kernel from the tensors' device, so the "cpp" and "cuda" backends share
+this one op table.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _native
+
+if _native.loaded():
+
+    @torch.library.register_fake("msplora::shrink")
+    def _(x, a, p, seed):
+        return x.new_empty((x.shape[0], a.shape[1]))
+
+    @torch.library.register_fake("msplora::expand_linear")
+    def _(x, weight, bias, t, b):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("msplora::grad_t_b")
+    def _(dy, t, b):
+        return dy.new_empty((dy.shape[0], b.shape[0])), dy.new_empty((b.shape[0], b.shape[1]))
+
+    @torch.library.register_fake("msplora::grad_x")
+    def _(dy, weight, dt, a, p, seed):
+        return dy.new_empty((dy.shape[0], weight.shape[1]))
+
+    @torch.library.register_fake("msplora::grad_a")
+    def _(x, dt, p, seed):
+        return x.new_empty((x.shape[1], dt.shape[1]))
+
+    @torch.library.register_fake("msplora::dropout_mask")
+    def _(x, p, seed):
+        return x.new_empty(x.shape)
+
+
+def op_table():
+    """The compiled ops, with the names every fused backend provides."""
+    return torch.ops.msplora
