@@ -29,9 +29,4 @@ MSPLORA_HOST_DEVICE float uniform01(uint64_t seed, uint64_t index) {
   return static_cast<float>(mix64(seed, index) >> 40) * (1.0f / 16777216.0f);
 }
 
-// Inverted-dropout multiplier: 0 for a dropped element, 1/(1-p) for a kept one.
-MSPLORA_HOST_DEVICE float dropout_multiplier(uint64_t seed, uint64_t index, float p, float keep_scale) {
-  return uniform01(seed, index) >= p ? keep_scale : 0.0f;
-}
-
 }  // namespace msplora

@@ -21,7 +21,7 @@ def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
 
-        from . import triton_kernels  # noqa: F401
+        from .triton_kernels import ops  # noqa: F401
     except Exception as exc:  # any failure means the backend is not usable
         return f"{type(exc).__name__}: {exc}"
     return None

@@ -3,6 +3,7 @@
 // the LoRA dx term added in place into the base GEMM's output, and the dropout
 // mask regenerated from its seed instead of stored.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -15,15 +16,17 @@ namespace {
 // out = src * mask (out may alias src). src and out are contiguous (rows, cols).
 void apply_dropout_cpu(const at::Tensor& src, at::Tensor& out, double p, int64_t seed) {
   const int64_t n = src.numel();
-  const float keep_scale = static_cast<float>(1.0 / (1.0 - p));
   const float pf = static_cast<float>(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "msplora_dropout", [&] {
+    // Multiply in the op-math type so float64 inputs keep their precision.
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t keep_scale = static_cast<acc_t>(1.0 / (1.0 - p));
     const scalar_t* in = src.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const float m = dropout_multiplier(static_cast<uint64_t>(seed), static_cast<uint64_t>(i), pf, keep_scale);
-        o[i] = static_cast<scalar_t>(static_cast<float>(in[i]) * m);
+        const bool keep = uniform01(static_cast<uint64_t>(seed), static_cast<uint64_t>(i)) >= pf;
+        o[i] = static_cast<scalar_t>(keep ? static_cast<acc_t>(in[i]) * keep_scale : acc_t(0));
       }
     });
   });

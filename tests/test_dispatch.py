@@ -1,0 +1,40 @@
+"""Backend discovery, the automatic choice, the environment override and explicit naming."""
+import pytest
+import torch
+
+import msplora_kernels as mk
+from msplora_kernels.backends import resolve_backend
+from helpers import make_problem
+
+
+def test_cpu_backends_listed_best_first():
+    names = mk.available_backends("cpu")
+    assert names[0] == "cpp" and "torch" in names and "cuda" not in names
+
+
+def test_triton_listed_on_cpu_only_under_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "triton" not in mk.available_backends("cpu")
+
+
+def test_meta_device_uses_torch():
+    assert mk.available_backends("meta") == ["torch"]
+
+
+def test_env_var_overrides_automatic_choice(monkeypatch):
+    monkeypatch.setenv("MSPLORA_BACKEND", "torch")
+    assert resolve_backend(None, "cpu") == "torch"
+    assert resolve_backend("cpp", "cpu") == "cpp"  # the argument wins over the variable
+    monkeypatch.delenv("MSPLORA_BACKEND")
+    assert resolve_backend(None, "cpu") == "cpp"
+
+
+def test_unavailable_backend_lists_available(monkeypatch):
+    x, w, b, As, Bs, s = make_problem((2,), 8, 8, (2,), torch.float32)
+    with pytest.raises(RuntimeError, match=r"'cuda' is not available .*available: \['cpp', 'torch'"):
+        mk.msplora_linear(x, w, b, As, Bs, s, backend="cuda")
+    monkeypatch.setenv("MSPLORA_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match=r"\$MSPLORA_BACKEND='cuda' is not available"):
+        mk.msplora_linear(x, w, b, As, Bs, s)
+    with pytest.raises(ValueError, match="unknown backend"):
+        mk.msplora_linear(x, w, b, As, Bs, s, backend="cudnn")

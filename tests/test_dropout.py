@@ -1,0 +1,60 @@
+"""Dropout: one mask on x shared by all levels, regenerated in backward, reproducible."""
+import pytest
+import torch
+
+import msplora_kernels as mk
+from helpers import backend_mask, check_backend_against_reference, make_problem
+
+BACKENDS = mk.available_backends("cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_gradients_match_reference_with_same_mask(backend, p):
+    dtype = torch.float64
+    problem = make_problem((3, 13), 24, 20, (8, 4, 2), dtype)
+    check_backend_against_reference(backend, problem, dropout_p=p, training=True, rng_seed=77)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.6])
+def test_keep_rate_and_scale(backend, p):
+    x = torch.randn(64, 256)
+    mask = backend_mask(backend, x, p, rng_seed=5)
+    kept = mask != 0
+    n = mask.numel()
+    rate = kept.double().mean().item()
+    # 5 standard deviations of a binomial keep rate.
+    assert abs(rate - (1 - p)) < 5 * ((p * (1 - p)) / n) ** 0.5, rate
+    torch.testing.assert_close(mask[kept], torch.full_like(mask[kept], 1 / (1 - p)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_output_and_different_seed_differs(backend):
+    x, w, b, As, Bs, scales = make_problem((8,), 32, 16, (4, 2), torch.float32)
+
+    def out(seed):
+        torch.manual_seed(seed)
+        return mk.msplora_linear(x, w, b, As, Bs, scales, dropout_p=0.5, training=True, backend=backend)
+
+    torch.testing.assert_close(out(3), out(3), rtol=0, atol=0)
+    assert (out(3) - out(4)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_dropout_in_eval(backend):
+    x, w, b, As, Bs, scales = make_problem((6,), 16, 8, (4,), torch.float64)
+    y_eval = mk.msplora_linear(x, w, b, As, Bs, scales, dropout_p=0.5, training=False, backend=backend)
+    y_ref = mk.msplora_linear_reference(x, w, b, As, Bs, scales)
+    torch.testing.assert_close(y_eval, y_ref)
+
+
+def test_mask_is_shared_by_all_levels():
+    # With the mask shared, a layer of two identical levels equals one level of double scale.
+    x, w, b, As, Bs, scales = make_problem((10,), 16, 8, (4,), torch.float64)
+    for backend in BACKENDS:
+        torch.manual_seed(9)
+        two = mk.msplora_linear(x, w, b, As * 2, Bs * 2, scales * 2, dropout_p=0.5, training=True, backend=backend)
+        torch.manual_seed(9)
+        one = mk.msplora_linear(x, w, b, As, Bs, [2 * scales[0]], dropout_p=0.5, training=True, backend=backend)
+        torch.testing.assert_close(two, one, msg=backend)
