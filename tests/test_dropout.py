@@ -58,3 +58,10 @@ def test_mask_is_shared_by_all_levels():
         torch.manual_seed(9)
         one = mk.msplora_linear(x, w, b, As, Bs, [2 * scales[0]], dropout_p=0.5, training=True, backend=backend)
         torch.testing.assert_close(two, one, msg=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_across_row_chunks(backend):
+    # More rows than the CPU kernels' 1024-row chunk: the mask index must carry across chunks.
+    problem = make_problem((2100,), 8, 6, (3, 1), torch.float64)
+    check_backend_against_reference(backend, problem, dropout_p=0.3, training=True, rng_seed=11)
