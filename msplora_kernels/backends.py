@@ -14,6 +14,12 @@ from . import _native
 
 ALL_BACKENDS = ("torch", "cpp", "cuda", "triton")
 ENV_VAR = "MSPLORA_BACKEND"
+# Dtypes a backend computes in; backends not listed take every float dtype.
+BACKEND_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32)}
+
+
+def supports_dtype(name: str, dtype) -> bool:
+    return dtype is None or dtype in BACKEND_DTYPES.get(name, (dtype,))
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,14 +57,14 @@ def available_backends(device="cpu") -> list[str]:
     return ["torch"]
 
 
-def resolve_backend(backend: str | None, device) -> str:
-    """The backend to run: the argument, else $MSPLORA_BACKEND, else the best available."""
+def resolve_backend(backend: str | None, device, dtype=None) -> str:
+    """The backend to run: the argument, else $MSPLORA_BACKEND, else the best available for dtype."""
     requested, source = backend, "backend="
     if requested is None and os.environ.get(ENV_VAR):
         requested, source = os.environ[ENV_VAR], f"${ENV_VAR}="
     available = available_backends(device)
     if requested is None:
-        return available[0]
+        return next(name for name in available if supports_dtype(name, dtype))
     if requested not in ALL_BACKENDS:
         raise ValueError(f"msplora: unknown backend {source}{requested!r}; choose one of {list(ALL_BACKENDS)}")
     if requested not in available:
@@ -72,6 +78,11 @@ def resolve_backend(backend: str | None, device) -> str:
         raise RuntimeError(
             f"msplora: backend {source}{requested!r} is not available for device {torch.device(device)}{why}; "
             f"available: {available}"
+        )
+    if not supports_dtype(requested, dtype):
+        raise TypeError(
+            f"msplora: backend {source}{requested!r} computes in "
+            f"{[str(d) for d in BACKEND_DTYPES[requested]]}, got {dtype}; choose another backend"
         )
     return requested
 

@@ -63,7 +63,7 @@ def msplora_linear(
         check_inputs(x, weight, bias, As, Bs, scales, dropout_p)
     As = [a if a.dtype == x.dtype else a.to(x.dtype) for a in As]
     Bs = [b if b.dtype == x.dtype else b.to(x.dtype) for b in Bs]
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, x.dtype)
     p = float(dropout_p) if training else 0.0
     with torch.autocast(x.device.type, enabled=False) if amp_dtype is not None else contextlib.nullcontext():
         if name == "torch":

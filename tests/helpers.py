@@ -13,6 +13,11 @@ from msplora_kernels.reference import torch_dropout_mask
 FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+def precise_dtype(backend: str) -> torch.dtype:
+    """The most precise dtype a backend computes in: float64, or float32 for triton."""
+    return torch.float32 if backend == "triton" else torch.float64
+
+
 def make_problem(lead, in_f, out_f, ranks, dtype, *, bias=True, train_base=False, device="cpu", noncontig=False):
     """Random x, weight, bias, As, Bs (B non-zero, so every path is exercised), and scales."""
     g = {"device": device, "dtype": dtype}

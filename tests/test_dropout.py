@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import msplora_kernels as mk
-from helpers import backend_mask, check_backend_against_reference, make_problem
+from helpers import backend_mask, check_backend_against_reference, make_problem, precise_dtype
 
 BACKENDS = mk.available_backends("cpu")
 
@@ -11,8 +11,7 @@ BACKENDS = mk.available_backends("cpu")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_gradients_match_reference_with_same_mask(backend, p):
-    dtype = torch.float64
-    problem = make_problem((3, 13), 24, 20, (8, 4, 2), dtype)
+    problem = make_problem((3, 13), 24, 20, (8, 4, 2), precise_dtype(backend))
     check_backend_against_reference(backend, problem, dropout_p=p, training=True, rng_seed=77)
 
 
@@ -43,7 +42,7 @@ def test_same_seed_same_output_and_different_seed_differs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_dropout_in_eval(backend):
-    x, w, b, As, Bs, scales = make_problem((6,), 16, 8, (4,), torch.float64)
+    x, w, b, As, Bs, scales = make_problem((6,), 16, 8, (4,), precise_dtype(backend))
     y_eval = mk.msplora_linear(x, w, b, As, Bs, scales, dropout_p=0.5, training=False, backend=backend)
     y_ref = mk.msplora_linear_reference(x, w, b, As, Bs, scales)
     torch.testing.assert_close(y_eval, y_ref)
@@ -51,8 +50,8 @@ def test_no_dropout_in_eval(backend):
 
 def test_mask_is_shared_by_all_levels():
     # With the mask shared, a layer of two identical levels equals one level of double scale.
-    x, w, b, As, Bs, scales = make_problem((10,), 16, 8, (4,), torch.float64)
     for backend in BACKENDS:
+        x, w, b, As, Bs, scales = make_problem((10,), 16, 8, (4,), precise_dtype(backend))
         torch.manual_seed(9)
         two = mk.msplora_linear(x, w, b, As * 2, Bs * 2, scales * 2, dropout_p=0.5, training=True, backend=backend)
         torch.manual_seed(9)
@@ -63,5 +62,5 @@ def test_mask_is_shared_by_all_levels():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_across_row_chunks(backend):
     # More rows than the CPU kernels' 1024-row chunk: the mask index must carry across chunks.
-    problem = make_problem((2100,), 8, 6, (3, 1), torch.float64)
+    problem = make_problem((2100,), 8, 6, (3, 1), precise_dtype(backend))
     check_backend_against_reference(backend, problem, dropout_p=0.3, training=True, rng_seed=11)

@@ -1,0 +1,42 @@
+"""Tile configurations: one small tile under the CPU interpreter, Hopper-sized tiles on a GPU."""
+import os
+
+import triton
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def rank_block(total_rank: int) -> int:
+    """R padded to what tl.dot accepts (>= 16), one block up to 128, looped beyond."""
+    return min(128, max(16, triton.next_power_of_2(total_rank)))
+
+
+def gemm_configs():
+    """Autotune space of the two big fused GEMMs (K2, K4) on H100/H200."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+    shapes = [
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
+    ]
+
+
+def skinny_tiles():
+    """(BLOCK_M, BLOCK_WIDE, num_warps, num_stages) of the memory-bound skinny kernels (K1, K3, dA).
+
+    Fixed, not autotuned: K3 and dA accumulate with atomics, which autotuning re-runs would corrupt.
+    """
+    if interpreting():
+        return 32, 32, 4, 1
+    return 64, 128, 4, 3

@@ -1,0 +1,183 @@
+"""Triton kernels of fused MSPLoRA training (the LoRAFusion design, all levels at once).
+
+A is the levels' A factors side by side, scales folded in (K x R); B their B factors
+stacked (R x N). R = sum of the ranks is padded to BLOCK_R inside the kernels only.
+Offsets are int64, accumulation fp32. Dropout is Philox (tl.rand) on (seed, row*K + col),
+so the backward regenerates the mask and none is stored.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Group M tiles so consecutive programs reuse the same weight tiles from L2.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _keep(seed, rows, cols, K, p):
+    return tl.rand(seed, rows[:, None] * K + cols[None, :]) >= p
+
+
+@triton.jit
+def shrink_kernel(
+    x_ptr, a_ptr, t_ptr, seed_ptr, M, K, R,
+    stride_xm, stride_xk, stride_ak, stride_ar, stride_tm, stride_tr,
+    p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """K1: T = dropout(x) @ A."""
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(_keep(seed, rm, rk, K, p), x * keep_scale, 0.0).to(x.dtype)
+        a = tl.load(a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
+                    mask=(rk[:, None] < K) & (rr[None, :] < R), other=0.0)
+        acc += tl.dot(x, a)
+    tl.store(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr, acc.to(t_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+@triton.jit
+def expand_linear_kernel(
+    x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, y_ptr, M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_tr, stride_bn_r, stride_bn_n,
+    stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """K2: y = x @ W^T + T @ B + bias, the LoRA expand in the base GEMM's fp32 accumulator."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                    mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc += tl.dot(x, w)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        t = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,
+                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        b = tl.load(b_ptr + rr[:, None] * stride_bn_r + rn[None, :] * stride_bn_n,
+                    mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
+        acc += tl.dot(t, b)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def grad_t_b_kernel(
+    dy_ptr, t_ptr, b_ptr, dt_ptr, db_ptr, M, N, R,
+    stride_dym, stride_dyn, stride_tm, stride_tr, stride_br, stride_bn, stride_dtm, stride_dtr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """K3: one pass over dy gives dT = dy @ B^T and dB = T^T @ dy (dB accumulated in fp32)."""
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    t = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,
+                mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    t_trans = tl.trans(t)
+    acc_dt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+        b = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
+                    mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
+        acc_dt += tl.dot(dy, tl.trans(b))
+        db = tl.dot(t_trans, dy)
+        tl.atomic_add(db_ptr + rr[:, None] * N + rn[None, :], db, mask=(rr[:, None] < R) & (rn[None, :] < N))
+    tl.store(dt_ptr + rm[:, None] * stride_dtm + rr[None, :] * stride_dtr, acc_dt.to(dt_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+@triton.jit
+def grad_x_kernel(
+    dy_ptr, w_ptr, dt_ptr, a_ptr, dx_ptr, seed_ptr, M, N, K, R,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dtm, stride_dtr, stride_ak, stride_ar,
+    stride_dxm, stride_dxk, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """K4: dx = dy @ W + mask * (dT @ A^T); the LoRA term goes first so the mask applies to it alone."""
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        dt = tl.load(dt_ptr + rm[:, None] * stride_dtm + rr[None, :] * stride_dtr,
+                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+                    mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+        acc += tl.dot(dt, a)
+    if HAS_DROPOUT:
+        acc = tl.where(_keep(tl.load(seed_ptr), rm, rk, K, p), acc * keep_scale, 0.0)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
+                    mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+        acc += tl.dot(dy, w)
+    tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+@triton.jit
+def grad_a_kernel(
+    x_ptr, dt_ptr, da_ptr, seed_ptr, M, K, R, rows_per_split,
+    stride_xm, stride_xk, stride_dtm, stride_dtr, p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """dA = dropout(x)^T @ dT, split over rows; splits meet by fp32 atomics."""
+    rk = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr = tl.program_id(2).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_start = tl.program_id(1).to(tl.int64) * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(rm[:, None] < m_end) & (rk[None, :] < K), other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(_keep(seed, rm, rk, K, p), x * keep_scale, 0.0).to(x.dtype)
+        dt = tl.load(dt_ptr + rm[:, None] * stride_dtm + rr[None, :] * stride_dtr,
+                     mask=(rm[:, None] < m_end) & (rr[None, :] < R), other=0.0)
+        acc += tl.dot(tl.trans(x), dt)
+    tl.atomic_add(da_ptr + rk[:, None] * R + rr[None, :], acc, mask=(rk[:, None] < K) & (rr[None, :] < R))
+
+
+@triton.jit
+def dropout_mask_kernel(out_ptr, seed_ptr, M, K, p, keep_scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The multiplier the kernels above apply to x: keep_scale where kept, 0 where dropped."""
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _keep(tl.load(seed_ptr), rm, rk, K, p)
+    val = tl.where(keep, keep_scale, 0.0)
+    tl.store(out_ptr + rm[:, None] * K + rk[None, :], val.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rk[None, :] < K))

@@ -1,0 +1,138 @@
+"""Launchers of the Triton kernels, registered with torch.library.triton_op so that
+torch.compile(fullgraph=True) can trace them. Names and semantics match the compiled
+msplora ops (csrc/msplora_ops.cpp), so one autograd Function composes either table.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from . import kernels
+from .configs import gemm_configs, rank_block, skinny_tiles
+
+SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+_expand_linear = triton.autotune(gemm_configs(), key=["M", "N", "K", "R"])(kernels.expand_linear_kernel)
+_grad_x = triton.autotune(gemm_configs(), key=["M", "N", "K", "R"])(
+    # autotune names its tile keys BLOCK_N for the loop and BLOCK_K for the output tile here.
+    kernels.grad_x_kernel
+)
+
+
+def _check(name, *tensors):
+    dtype = tensors[0].dtype
+    if dtype not in SUPPORTED:
+        raise TypeError(f"msplora triton backend: {name} supports {[str(d) for d in SUPPORTED]}, got {dtype}")
+    for t in tensors:
+        if t.dim() != 2 or t.dtype != dtype or t.device != tensors[0].device:
+            raise ValueError(f"msplora triton backend: {name} got {[(tuple(u.shape), u.dtype, str(u.device)) for u in tensors]}")
+
+
+def _keep_scale(p: float) -> float:
+    return 1.0 / (1.0 - p)
+
+
+@triton_op("msplora_triton::shrink", mutates_args={})
+def shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    _check("shrink", x, a)
+    M, K = x.shape
+    R = a.shape[1]
+    t = x.new_empty((M, R))
+    if M == 0:
+        return t
+    block_m, block_k, warps, stages = skinny_tiles()
+    block_r = rank_block(R)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
+    wrap_triton(kernels.shrink_kernel)[grid](
+        x, a, t, seed, M, K, R, *x.stride(), *a.stride(), *t.stride(), p, _keep_scale(p),
+        HAS_DROPOUT=p > 0, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
+    )
+    return t
+
+
+@triton_op("msplora_triton::expand_linear", mutates_args={})
+def expand_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor,
+                  b: torch.Tensor) -> torch.Tensor:
+    _check("expand_linear", x, weight, t, b)
+    M, K = x.shape
+    N, R = weight.shape[0], b.shape[0]
+    y = x.new_empty((M, N))
+    if M == 0:
+        return y
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    wrap_triton(_expand_linear)[grid](
+        x, weight, bias if bias is not None else x, t, b, y, M, N, K, R,
+        *x.stride(), *weight.stride(), *t.stride(), *b.stride(), *y.stride(),
+        HAS_BIAS=bias is not None, BLOCK_R=rank_block(R),
+    )
+    return y
+
+
+@triton_op("msplora_triton::grad_t_b", mutates_args={})
+def grad_t_b(dy: torch.Tensor, t: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check("grad_t_b", dy, t, b)
+    M, N = dy.shape
+    R = b.shape[0]
+    dt = dy.new_empty((M, R))
+    db32 = torch.zeros((R, N), device=dy.device, dtype=torch.float32)
+    if M > 0:
+        block_m, block_n, warps, stages = skinny_tiles()
+        block_r = rank_block(R)
+        grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
+        wrap_triton(kernels.grad_t_b_kernel)[grid](
+            dy, t, b, dt, db32, M, N, R, *dy.stride(), *t.stride(), *b.stride(), *dt.stride(),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
+        )
+    return dt, db32.to(dy.dtype)
+
+
+@triton_op("msplora_triton::grad_x", mutates_args={})
+def grad_x(dy: torch.Tensor, weight: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, p: float,
+           seed: torch.Tensor) -> torch.Tensor:
+    _check("grad_x", dy, weight, dt, a)
+    M, N = dy.shape
+    K, R = a.shape
+    dx = dy.new_empty((M, K))
+    if M == 0:
+        return dx
+    # The output tile is (BLOCK_M, BLOCK_K); the autotuned BLOCK_N is the reduction step.
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+    wrap_triton(_grad_x)[grid](
+        dy, weight, dt, a, dx, seed, M, N, K, R,
+        *dy.stride(), *weight.stride(), *dt.stride(), *a.stride(), *dx.stride(), p, _keep_scale(p),
+        HAS_DROPOUT=p > 0, BLOCK_R=rank_block(R),
+    )
+    return dx
+
+
+@triton_op("msplora_triton::grad_a", mutates_args={})
+def grad_a(x: torch.Tensor, dt: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    _check("grad_a", x, dt)
+    M, K = x.shape
+    R = dt.shape[1]
+    da32 = torch.zeros((K, R), device=x.device, dtype=torch.float32)
+    if M > 0:
+        block_m, block_k, warps, stages = skinny_tiles()
+        block_r = rank_block(R)
+        # Split the row reduction so that there are enough programs to fill the GPU.
+        k_blocks = triton.cdiv(K, block_k) * triton.cdiv(R, block_r)
+        splits = max(1, min(triton.cdiv(M, 4 * block_m), triton.cdiv(264, k_blocks)))
+        rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+        grid = (triton.cdiv(K, block_k), triton.cdiv(M, rows_per_split), triton.cdiv(R, block_r))
+        wrap_triton(kernels.grad_a_kernel)[grid](
+            x, dt, da32, seed, M, K, R, rows_per_split, *x.stride(), *dt.stride(), p, _keep_scale(p),
+            HAS_DROPOUT=p > 0, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
+        )
+    return da32.to(x.dtype)
+
+
+@triton_op("msplora_triton::dropout_mask", mutates_args={})
+def dropout_mask(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    M, K = x.shape
+    out = torch.ones_like(x, memory_format=torch.contiguous_format)
+    if M == 0 or p == 0:
+        return out
+    grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
+    wrap_triton(kernels.dropout_mask_kernel)[grid](out, seed, M, K, p, _keep_scale(p), BLOCK_M=32, BLOCK_K=32)
+    return out
