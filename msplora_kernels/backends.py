@@ -37,6 +37,8 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Backend choice is fixed for a traced graph: torch.compile evaluates these at trace time.
+@torch.compiler.assume_constant_result
 def available_backends(device="cpu") -> list[str]:
     """Backends usable for tensors on `device`, best first."""
     dev = torch.device(device)
@@ -57,6 +59,7 @@ def available_backends(device="cpu") -> list[str]:
     return ["torch"]
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str | None, device, dtype=None) -> str:
     """The backend to run: the argument, else $MSPLORA_BACKEND, else the best available for dtype."""
     requested, source = backend, "backend="

@@ -1,0 +1,91 @@
+"""GPU tests at real sizes: every CUDA backend against the reference (skipped without CUDA).
+
+Tolerances follow flash-attention: a kernel may be at most twice as far from the float64
+truth as the reference computed in the same low precision (tests/helpers.py).
+"""
+import pytest
+import torch
+
+import msplora_kernels as mk
+from helpers import backend_mask, check_backend_against_reference, make_problem
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+CUDA_BACKENDS = [b for b in ("triton", "cuda", "torch") if torch.cuda.is_available() and b in mk.available_backends("cuda")]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# (tokens, in_features, out_features, ranks): RoBERTa-base and LLaMA2-7B q/v, and odd sizes.
+SHAPES = [
+    (8192, 768, 768, (8, 4, 2)),
+    (8192, 4096, 4096, (64, 32, 16)),
+    (1000, 4096, 1024, (64, 32, 16)),
+    (777, 1000, 333, (7, 5, 3, 1)),
+]
+
+
+def test_gpu_backends_present():
+    assert "triton" in CUDA_BACKENDS, mk.backends._triton_import_error()
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}-r{'-'.join(map(str, s[3]))}")
+def test_matches_reference_real_sizes(backend, dtype, shape):
+    tokens, k, n, ranks = shape
+    problem = make_problem((tokens,), k, n, ranks, dtype, device="cuda")
+    check_backend_against_reference(backend, problem)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_leading_dims_noncontiguous_and_levels(backend, dtype):
+    for ranks in [(16,), (16, 8), (64, 32, 16), (9, 7, 5, 3)]:
+        problem = make_problem((4, 300), 512, 384, ranks, dtype, device="cuda", noncontig=True)
+        check_backend_against_reference(backend, problem)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_empty_batch(backend):
+    x, w, b, As, Bs, s = make_problem((0,), 256, 128, (8, 4, 2), torch.bfloat16, device="cuda")
+    y = mk.msplora_linear(x, w, b, As, Bs, s, backend=backend)
+    y.sum().backward()
+    assert y.shape == (0, 128) and x.grad.shape == x.shape and torch.all(As[0].grad == 0)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_dropout_matches_reference_with_same_mask(backend, dtype):
+    problem = make_problem((2048,), 768, 768, (8, 4, 2), dtype, device="cuda")
+    check_backend_against_reference(backend, problem, dropout_p=0.1, training=True, rng_seed=21)
+    mask = backend_mask(backend, problem[0], 0.1, rng_seed=21)
+    rate = (mask != 0).double().mean().item()
+    assert abs(rate - 0.9) < 5 * (0.09 / mask.numel()) ** 0.5
+
+
+@pytest.mark.parametrize("backend", [b for b in CUDA_BACKENDS if b != "torch"])
+def test_base_weight_trained(backend):
+    problem = make_problem((512,), 256, 320, (8, 4, 2), torch.float32, device="cuda", train_base=True)
+    check_backend_against_reference(backend, problem)
+
+
+def _op_cases(ns):
+    x, a = torch.randn(300, 256, device="cuda"), torch.randn(256, 14, device="cuda")
+    seed = torch.tensor([5], dtype=torch.int64, device="cuda")
+    w, b, bias = torch.randn(192, 256, device="cuda"), torch.randn(14, 192, device="cuda"), torch.randn(192, device="cuda")
+    dy = torch.randn(300, 192, device="cuda")
+    t = ns.shrink(x, a, 0.0, seed)
+    dt, _ = ns.grad_t_b(dy, t, b)
+    return [
+        (ns.shrink, (x, a, 0.3, seed)),
+        (ns.expand_linear, (x, w, bias, t, b)),
+        (ns.grad_t_b, (dy, t, b)),
+        (ns.grad_x, (dy, w, dt, a, 0.3, seed)),
+        (ns.grad_a, (x, dt, 0.3, seed)),
+        (ns.dropout_mask, (x, 0.3, seed)),
+    ]
+
+
+@pytest.mark.parametrize("backend", [b for b in CUDA_BACKENDS if b != "torch"])
+def test_opcheck(backend):
+    ns = torch.ops.msplora_triton if backend == "triton" else torch.ops.msplora
+    for op, args in _op_cases(ns):
+        torch.library.opcheck(op, args)
