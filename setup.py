@@ -44,7 +44,6 @@ def extensions():
         return [CppExtension("msplora_kernels._C", sources, extra_compile_args=compile_args)]
     default_max_jobs()
     sources += sorted(glob.glob(f"{CSRC}/cuda/*.cpp") + glob.glob(f"{CSRC}/cuda/*.cu"))
-    compile_args["cxx"].append("-DMSPLORA_WITH_CUDA")
     compile_args["nvcc"] = opt + ["-std=c++17", "--use_fast_math", "-lineinfo"]
     return [CUDAExtension("msplora_kernels._C", sources, extra_compile_args=compile_args)]
 

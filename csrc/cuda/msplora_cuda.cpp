@@ -1,0 +1,185 @@
+// CUDA launchers of the msplora ops: the big GEMMs go to cuBLAS through ATen
+// (the LoRA expand and the LoRA dx term accumulate into the base GEMM's output
+// with beta = 1), the skinny and masked parts to our kernels in msplora_kernels.cu.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../shape_checks.h"
+#include "kernels.h"
+
+namespace msplora {
+namespace {
+
+cuda::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kHalf: return cuda::DType::kFloat16;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "msplora cuda backend: unsupported dtype ", t.scalar_type(),
+                  "; use float32, float16 or bfloat16");
+  }
+}
+
+const int64_t* seed_ptr(double p, const at::Tensor& seed, const at::Tensor& like) {
+  if (p == 0.0) return nullptr;
+  TORCH_CHECK(seed.device() == like.device(), "msplora: seed is on ", seed.device(), " but the inputs are on ",
+              like.device());
+  return seed.data_ptr<int64_t>();
+}
+
+int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Enough blocks for about two waves on the GPU, given the blocks the other grid dims make.
+int64_t splits_for(int64_t other_blocks, int64_t max_splits) {
+  const int64_t want = (2 * sm_count() + other_blocks - 1) / std::max<int64_t>(other_blocks, 1);
+  return std::max<int64_t>(1, std::min(want, max_splits));
+}
+
+at::Tensor fp32_zeros(int64_t rows, int64_t cols, const at::Tensor& like) {
+  return at::zeros({rows, cols}, like.options().dtype(at::kFloat));
+}
+
+at::Tensor shrink_cuda(const at::Tensor& x, const at::Tensor& a, double p, const at::Tensor& seed) {
+  check_matrix(x, "x");
+  check_matrix(a, "a");
+  check_same(a, x, "a", "x");
+  check_dim(a.size(0), x.size(1), "a.size(0) vs x.size(1) (in_features)");
+  check_dropout(p, seed);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), ac = a.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), R = a.size(1);
+  at::Tensor t32 = fp32_zeros(M, R, x);
+  if (M > 0 && K > 0) {
+    // Split-K over in_features so that few rows still fill the GPU; fp32 atomics reduce.
+    const int64_t split_k = splits_for(((M + 15) / 16) * ((R + 15) / 16), std::max<int64_t>(1, K / 256));
+    C10_CUDA_CHECK(cuda::launch_shrink(dtype_of(x), xc.data_ptr(), ac.data_ptr(), t32.data_ptr<float>(),
+                                       seed_ptr(p, seed, x), M, K, R, static_cast<float>(p), split_k,
+                                       at::cuda::getCurrentCUDAStream()));
+  }
+  return t32.to(x.scalar_type());
+}
+
+at::Tensor expand_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                              const at::Tensor& t, const at::Tensor& b) {
+  check_matrix(x, "x");
+  check_matrix(weight, "weight");
+  check_matrix(t, "t");
+  check_matrix(b, "b");
+  check_same(weight, x, "weight", "x");
+  check_same(t, x, "t", "x");
+  check_same(b, x, "b", "x");
+  check_dim(weight.size(1), x.size(1), "weight.size(1) vs x.size(1) (in_features)");
+  check_dim(t.size(0), x.size(0), "t.size(0) vs x.size(0) (rows)");
+  check_dim(b.size(0), t.size(1), "b.size(0) vs t.size(1) (total rank)");
+  check_dim(b.size(1), weight.size(0), "b.size(1) vs weight.size(0) (out_features)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "msplora: bias must have shape (",
+                weight.size(0), ",), got ", bias->sizes());
+    check_same(*bias, x, "bias", "x");
+    y = at::addmm(*bias, x, weight.t());
+  } else {
+    y = at::mm(x, weight.t());
+  }
+  y.addmm_(t, b);  // cuBLAS with beta = 1: the expand lands in y without another kernel
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> grad_t_b_cuda(const at::Tensor& dy, const at::Tensor& t, const at::Tensor& b) {
+  check_matrix(dy, "dy");
+  check_matrix(t, "t");
+  check_matrix(b, "b");
+  check_same(t, dy, "t", "dy");
+  check_same(b, dy, "b", "dy");
+  check_dim(t.size(0), dy.size(0), "t.size(0) vs dy.size(0) (rows)");
+  check_dim(b.size(0), t.size(1), "b.size(0) vs t.size(1) (total rank)");
+  check_dim(b.size(1), dy.size(1), "b.size(1) vs dy.size(1) (out_features)");
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const at::Tensor dyc = dy.contiguous(), tc = t.contiguous(), bc = b.contiguous();
+  const int64_t M = dy.size(0), N = dy.size(1), R = b.size(0);
+  at::Tensor dt32 = fp32_zeros(M, R, dy), db32 = fp32_zeros(R, N, dy);
+  if (M > 0 && N > 0) {
+    const int64_t n_splits = splits_for(((M + 127) / 128) * ((R + 15) / 16), std::max<int64_t>(1, N / 512));
+    C10_CUDA_CHECK(cuda::launch_grad_t_b(dtype_of(dy), dyc.data_ptr(), tc.data_ptr(), bc.data_ptr(),
+                                         dt32.data_ptr<float>(), db32.data_ptr<float>(), M, N, R, n_splits,
+                                         at::cuda::getCurrentCUDAStream()));
+  }
+  return {dt32.to(dy.scalar_type()), db32.to(dy.scalar_type())};
+}
+
+at::Tensor grad_x_cuda(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dt, const at::Tensor& a,
+                       double p, const at::Tensor& seed) {
+  check_matrix(dy, "dy");
+  check_matrix(weight, "weight");
+  check_matrix(dt, "dt");
+  check_matrix(a, "a");
+  check_same(weight, dy, "weight", "dy");
+  check_same(dt, dy, "dt", "dy");
+  check_same(a, dy, "a", "dy");
+  check_dim(weight.size(0), dy.size(1), "weight.size(0) vs dy.size(1) (out_features)");
+  check_dim(dt.size(0), dy.size(0), "dt.size(0) vs dy.size(0) (rows)");
+  check_dim(a.size(0), weight.size(1), "a.size(0) vs weight.size(1) (in_features)");
+  check_dim(a.size(1), dt.size(1), "a.size(1) vs dt.size(1) (total rank)");
+  check_dropout(p, seed);
+  const c10::cuda::CUDAGuard guard(dy.device());
+  at::Tensor dx = at::mm(dy, weight);
+  if (p == 0.0) {
+    dx.addmm_(dt, a.t());  // beta = 1 into the cuBLAS output
+  } else if (dx.numel() > 0) {
+    // Only the LoRA branch saw the dropped input, so its term is masked as it is added.
+    const at::Tensor dtc = dt.contiguous(), ac = a.contiguous();
+    C10_CUDA_CHECK(cuda::launch_masked_lora_dx(dtype_of(dy), dtc.data_ptr(), ac.data_ptr(), dx.data_ptr(),
+                                               seed_ptr(p, seed, dy), dx.size(0), dx.size(1), a.size(1),
+                                               static_cast<float>(p), at::cuda::getCurrentCUDAStream()));
+  }
+  return dx;
+}
+
+at::Tensor grad_a_cuda(const at::Tensor& x, const at::Tensor& dt, double p, const at::Tensor& seed) {
+  check_matrix(x, "x");
+  check_matrix(dt, "dt");
+  check_same(dt, x, "dt", "x");
+  check_dim(dt.size(0), x.size(0), "dt.size(0) vs x.size(0) (rows)");
+  check_dropout(p, seed);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (p == 0.0) return at::mm(x.t(), dt);
+  const at::Tensor xc = x.contiguous(), dtc = dt.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), R = dt.size(1);
+  at::Tensor da32 = fp32_zeros(K, R, x);
+  if (M > 0 && K > 0) {
+    const int64_t m_splits = splits_for(((K + 127) / 128) * ((R + 15) / 16), std::max<int64_t>(1, M / 256));
+    C10_CUDA_CHECK(cuda::launch_grad_a_dropout(dtype_of(x), xc.data_ptr(), dtc.data_ptr(), da32.data_ptr<float>(),
+                                               seed_ptr(p, seed, x), M, K, R, static_cast<float>(p), m_splits,
+                                               at::cuda::getCurrentCUDAStream()));
+  }
+  return da32.to(x.scalar_type());
+}
+
+at::Tensor dropout_mask_cuda(const at::Tensor& x, double p, const at::Tensor& seed) {
+  check_matrix(x, "x");
+  check_dropout(p, seed);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::ones({x.size(0), x.size(1)}, x.options());
+  if (p == 0.0 || out.numel() == 0) return out;
+  C10_CUDA_CHECK(cuda::launch_dropout_mask(dtype_of(x), out.data_ptr(), seed_ptr(p, seed, x), x.size(0), x.size(1),
+                                           static_cast<float>(p), at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(msplora, CUDA, m) {
+  m.impl("shrink", &shrink_cuda);
+  m.impl("expand_linear", &expand_linear_cuda);
+  m.impl("grad_t_b", &grad_t_b_cuda);
+  m.impl("grad_x", &grad_x_cuda);
+  m.impl("grad_a", &grad_a_cuda);
+  m.impl("dropout_mask", &dropout_mask_cuda);
+}
+
+}  // namespace msplora
