@@ -1,0 +1,112 @@
+"""The layers compared by bench/throughput.py, each built from the same frozen nn.Linear."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import msplora_kernels as mk
+
+ALPHA = 16.0
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    in_features: int
+    out_features: int
+    ranks: tuple
+    lora_rank: int
+    gpu_tokens: int
+    cpu_tokens: int
+    quick_tokens: int
+
+
+CASES = {
+    "roberta-base": Case("roberta-base", 768, 768, (8, 4, 2), 8, 8192, 4096, 1024),
+    "llama2-7b": Case("llama2-7b", 4096, 4096, (64, 32, 16), 64, 8192, 512, 128),
+    # A smoke-test shape for the test suite; not in the defaults.
+    "tiny": Case("tiny", 64, 48, (8, 4, 2), 8, 256, 64, 32),
+}
+DEFAULT_CASES = ("roberta-base", "llama2-7b")
+METHODS = ("linear", "peft_lora", "msplora_naive", "msplora")
+
+
+class NaiveMSPLoRA(nn.Module):
+    """Three separate PEFT-style branches, as the paper's reference code runs them."""
+
+    def __init__(self, base: nn.Linear, ranks, dropout: float):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.ModuleList(nn.Linear(base.in_features, r, bias=False) for r in ranks)
+        self.lora_B = nn.ModuleList(nn.Linear(r, base.out_features, bias=False) for r in ranks)
+        self.drop = nn.ModuleList(nn.Dropout(dropout) for _ in ranks)
+        self.scales = [ALPHA / r for r in ranks]
+
+    def forward(self, x):
+        y = self.base(x)
+        for a, b, drop, s in zip(self.lora_A, self.lora_B, self.drop, self.scales):
+            y = y + b(a(drop(x))) * s
+        return y
+
+
+class _Wrap(nn.Module):
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def peft_lora(base: nn.Linear, rank: int, dropout: float) -> nn.Module:
+    import peft
+
+    cfg = peft.LoraConfig(target_modules=["proj"], r=rank, lora_alpha=ALPHA, lora_dropout=dropout)
+    return peft.get_peft_model(_Wrap(base), cfg).base_model.model.proj
+
+
+def _randomize_up_factors(module: nn.Module) -> None:
+    # Zero B factors would let a kernel skip work or hide errors; train-like values instead.
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.requires_grad and (name.endswith(".B") or "lora_B" in name):
+                p.normal_(std=0.02)
+
+
+def build(method: str, backend: str | None, case: Case, device, dtype, dropout: float) -> nn.Module:
+    """A fresh layer for `method` on a frozen base of the case's shape."""
+    base = nn.Linear(case.in_features, case.out_features, device=device, dtype=dtype).requires_grad_(False)
+    if method == "linear":
+        layer = base
+    elif method == "peft_lora":
+        layer = peft_lora(base, case.lora_rank, dropout)
+    elif method == "msplora_naive":
+        layer = NaiveMSPLoRA(base, case.ranks, dropout)
+    elif method == "msplora":
+        layer = mk.MSPLoraLinear.from_linear(base, ranks=case.ranks, lora_alpha=ALPHA, dropout=dropout, backend=backend)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    layer = layer.to(device=device, dtype=dtype).train()
+    _randomize_up_factors(layer)
+    return layer
+
+
+def method_runs(methods, device) -> list[tuple[str, str | None]]:
+    """(method, backend) pairs: one msplora run per backend available on the device."""
+    runs = []
+    for m in methods:
+        if m == "msplora":
+            runs += [("msplora", b) for b in mk.available_backends(device)
+                     if not (b == "triton" and torch.device(device).type == "cpu")]
+        else:
+            runs.append((m, None))
+    return runs
+
+
+def trainable_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+__all__ = ["CASES", "DEFAULT_CASES", "METHODS", "Case", "build", "method_runs", "trainable_count"]

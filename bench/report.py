@@ -1,0 +1,136 @@
+"""Output of bench/throughput.py: run metadata, ratios, the aligned table, JSON and the bar chart."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def device_name(device) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def metadata(device, dtype) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True).stdout.strip())
+    except OSError:
+        commit, dirty = None, None
+    return {
+        "device": str(device),
+        "device_name": device_name(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    }
+
+
+def add_ratios(records: list[dict]) -> None:
+    """Each record's fwd+bwd time relative to `linear` and `peft_lora` of the same case."""
+    ref = {}
+    for r in records:
+        if r["method"] in ("linear", "peft_lora", "no_adapter"):
+            ref[(r["case"], r["method"])] = r["fwd_bwd_ms"]
+    for r in records:
+        floor = ref.get((r["case"], "linear")) or ref.get((r["case"], "no_adapter"))
+        peft = ref.get((r["case"], "peft_lora"))
+        r["vs_linear"] = r["fwd_bwd_ms"] / floor if floor else None
+        r["vs_peft_lora"] = r["fwd_bwd_ms"] / peft if peft else None
+
+
+def label(r: dict) -> str:
+    return r["method"] + (f"[{r['backend']}]" if r.get("backend") else "")
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def table(records: list[dict]) -> str:
+    cols = [
+        ("case", lambda r: r["case"]),
+        ("method", label),
+        ("tokens", lambda r: str(r["tokens"])),
+        ("trainable", lambda r: f"{r['trainable_params']:,}"),
+        ("fwd ms", lambda r: _fmt(r["fwd_ms"], ".2f")),
+        ("fwd+bwd ms", lambda r: _fmt(r["fwd_bwd_ms"], ".2f")),
+        ("q20-q80", lambda r: f"{r['fwd_bwd_q20_ms']:.2f}-{r['fwd_bwd_q80_ms']:.2f}"),
+        ("x linear", lambda r: _fmt(r["vs_linear"], ".3f")),
+        ("x peft_lora", lambda r: _fmt(r["vs_peft_lora"], ".3f")),
+        ("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
+        ("peak MB", lambda r: _fmt(r["peak_mem_mb"], ".1f")),
+    ]
+    rows = [[name for name, _ in cols]] + [[f(r) for _, f in cols] for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    lines = []
+    for k, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path, meta: dict, records: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
+
+
+def plot(path, meta: dict, records: list[dict]) -> None:
+    """Grouped bars of forward+backward time relative to the frozen linear layer, one group per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in records))
+    labels = list(dict.fromkeys(label(r) for r in records))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases) * len(labels) / 3 + 3), 4.5))
+    width = 0.8 / len(labels)
+    for i, lab in enumerate(labels):
+        xs, ys = [], []
+        for j, case in enumerate(cases):
+            r = next((r for r in records if r["case"] == case and label(r) == lab), None)
+            if r and r["vs_linear"] is not None:
+                xs.append(j + (i - (len(labels) - 1) / 2) * width)
+                ys.append(r["vs_linear"])
+        bars = ax.bar(xs, ys, width, label=lab)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(cases)), cases)
+    ax.set_ylabel("forward+backward time / frozen nn.Linear")
+    ax.set_title(f"MSPLoRA layer cost, {meta['dtype']} on {meta['device_name']}", fontsize=10, pad=40)
+    ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.06))
+    ax.set_ylim(0, max(r["vs_linear"] or 0 for r in records) * 1.15)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

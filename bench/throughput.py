@@ -1,0 +1,127 @@
+"""Side-by-side speed of MSPLoRA layers against a frozen linear, PEFT LoRA and naive MSPLoRA.
+
+    python bench/throughput.py                      # default cases on the best device
+    python bench/throughput.py --quick --json r.json --plot r.png
+    python bench/throughput.py --model              # a full training step of a LLaMA-style model
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import methods  # noqa: E402
+import report  # noqa: E402
+import timing  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cases", nargs="+", default=list(methods.DEFAULT_CASES), choices=sorted(methods.CASES))
+    p.add_argument("--methods", nargs="+", default=list(methods.METHODS), choices=methods.METHODS)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--tokens", type=int, default=None, help="override the case's token count")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats on the CPU (default 15, quick 5)")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--quick", action="store_true", help="fewer tokens and repeats (under 3 minutes on a CPU)")
+    p.add_argument("--cuda-graphs", action="store_true", help="on a GPU, time CUDA-graph replays")
+    p.add_argument("--model", action="store_true", help="time a full training step of a LLaMA-style model instead")
+    p.add_argument("--targets", choices=["qv", "all-linear"], default="qv", help="adapted modules for --model")
+    p.add_argument("--json", type=Path, default=None, help="write records and metadata here")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart here")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 15
+    return args
+
+
+def tokens_for(case, args) -> int:
+    if args.tokens:
+        return args.tokens
+    if args.device == "cuda":
+        return case.gpu_tokens
+    return case.quick_tokens if args.quick else case.cpu_tokens
+
+
+def measure(fn, args) -> dict:
+    if args.device == "cuda":
+        return timing.time_cuda(fn, rep_ms=50 if args.quick else 200, cuda_graphs=args.cuda_graphs)
+    return timing.time_cpu(fn, repeats=args.repeats)
+
+
+def layer_record(case, method, backend, args) -> dict:
+    tokens = tokens_for(case, args)
+    layer = methods.build(method, backend, case, args.device, args.dtype, args.dropout)
+    # A small pool of fresh random inputs and output gradients, cycled through (never zeros).
+    pool = [(torch.randn(tokens, case.in_features, device=args.device, dtype=args.dtype).requires_grad_(True),
+             torch.randn(tokens, case.out_features, device=args.device, dtype=args.dtype)) for _ in range(3)]
+    step = iter(range(10**12))
+
+    def fwd():
+        x, _ = pool[next(step) % len(pool)]
+        return layer(x)
+
+    def fwd_bwd():
+        x, dy = pool[next(step) % len(pool)]
+        x.grad = None
+        layer(x).backward(dy)
+
+    f = measure(fwd, args)
+    fb = measure(fwd_bwd, args)
+    return {
+        "case": case.name, "method": method, "backend": backend, "device": args.device,
+        "dtype": str(args.dtype).replace("torch.", ""), "tokens": tokens,
+        "in_features": case.in_features, "out_features": case.out_features,
+        "ranks": list(case.ranks) if method.startswith("msplora") else ([case.lora_rank] if method == "peft_lora" else []),
+        "trainable_params": methods.trainable_count(layer),
+        "fwd_ms": f["median"], "fwd_q20_ms": f["q20"], "fwd_q80_ms": f["q80"],
+        "fwd_bwd_ms": fb["median"], "fwd_bwd_q20_ms": fb["q20"], "fwd_bwd_q80_ms": fb["q80"],
+        "repeats": fb["n"], "peak_mem_mb": timing.peak_memory_mb(fwd_bwd, args.device),
+        "tokens_per_s": tokens / (fb["median"] / 1e3),
+    }
+
+
+def layer_records(args) -> list[dict]:
+    runs = [(methods.CASES[c], m, b) for c in args.cases for m, b in methods.method_runs(args.methods, args.device)]
+    records = []
+    for case, method, backend in tqdm(runs, desc="layers", unit="run", file=sys.stderr):
+        records.append(layer_record(case, method, backend, args))
+    return records
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    if args.model:
+        import model_step
+
+        records = model_step.records(args)
+    else:
+        records = layer_records(args)
+    report.add_ratios(records)
+    meta = report.metadata(args.device, args.dtype)
+    print(f"\n{meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, triton {meta['triton']}, "
+          f"commit {str(meta['git_commit'])[:10]}; median of repeats, ratios of fwd+bwd time")
+    print(report.table(records))
+    if args.json:
+        report.write_json(args.json, meta, records)
+        print(f"wrote {args.json}")
+    if args.plot:
+        report.plot(args.plot, meta, records)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Timers: a wall clock after warm-up on the CPU; do_bench (or CUDA-graph replays) on a GPU."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def _summary(samples_ms):
+    s = sorted(samples_ms)
+    q = statistics.quantiles(s, n=10, method="inclusive") if len(s) > 1 else [s[0]] * 9
+    return {"median": statistics.median(s), "q20": q[1], "q80": q[7], "n": len(s)}
+
+
+def time_cpu(fn, repeats: int, warmup: int = 2):
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return _summary(samples)
+
+
+def time_cuda(fn, rep_ms: int = 200, cuda_graphs: bool = False):
+    import triton.testing
+
+    if cuda_graphs:
+        med, q20, q80 = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    else:
+        med, q20, q80 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return {"median": med, "q20": q20, "q80": q80, "n": None}
+
+
+def peak_memory_mb(fn, device) -> float | None:
+    """Extra memory one call allocates at its peak, above what was allocated before it."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20

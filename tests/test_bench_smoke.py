@@ -1,0 +1,37 @@
+"""bench/throughput.py runs end to end on tiny shapes and writes a complete JSON and a PNG."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import msplora_kernels as mk
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = {"case", "method", "backend", "device", "dtype", "tokens", "in_features", "out_features", "ranks",
+          "fwd_ms", "fwd_bwd_ms", "peak_mem_mb", "tokens_per_s"}
+
+
+def run_bench(tmp_path, *extra):
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    cmd = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--device", "cpu", "--quick", "--repeats", "2",
+           "--json", str(out_json), "--plot", str(out_png), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out_json.read_text()), out_png
+
+
+def test_layer_bench_tiny(tmp_path):
+    stdout, data, png = run_bench(tmp_path, "--cases", "tiny")
+    meta, records = data["meta"], data["records"]
+    assert meta["torch"] and meta["device_name"] and "git_commit" in meta and meta["dtype"] == "float32"
+    cpu_fused = [b for b in mk.available_backends("cpu") if b != "triton"]
+    labels = [(r["method"], r["backend"]) for r in records]
+    assert labels == [("linear", None), ("peft_lora", None), ("msplora_naive", None)] + [("msplora", b) for b in cpu_fused]
+    for r in records:
+        assert FIELDS <= r.keys()
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["tokens_per_s"] > 0
+        assert r["vs_linear"] > 0 and r["vs_peft_lora"] > 0
+    assert records[0]["vs_linear"] == 1.0
+    assert {r["trainable_params"] for r in records if r["method"].startswith("msplora")} == {(64 + 48) * 14}
+    assert "msplora[cpp]" in stdout and "x linear" in stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
