@@ -88,6 +88,7 @@ class MSPLoraLinear(nn.Module):
         self.dropout = float(dropout)
         self.backend = backend
         self.merged = False
+        self.disabled = False
         self._build_levels(ranks, lora_alpha, levels, self.weight.device, self.weight.dtype if dtype is None else dtype)
 
     def _build_levels(self, ranks, lora_alpha, levels, device, dtype) -> None:
@@ -143,7 +144,7 @@ class MSPLoraLinear(nn.Module):
         return tuple(lvl.scale for lvl in self._levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
             return nn.functional.linear(x, self.weight, self.bias)
         return msplora_linear(
             x,
@@ -178,6 +179,14 @@ class MSPLoraLinear(nn.Module):
             return
         self.weight.sub_(self.delta_weight())
         self.merged = False
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear over the same weight and bias Parameters (the adapter is left out)."""
+        with torch.device("meta"):
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.weight = self.weight
+        linear.bias = self.bias
+        return linear
 
     def extra_repr(self) -> str:
         shared = [i for i, lvl in enumerate(self._levels) if lvl not in self.own_levels.values()]

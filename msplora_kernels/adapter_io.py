@@ -1,0 +1,124 @@
+"""Adapter files: adapter_config.json and adapter_model.safetensors, PEFT-style.
+
+The file holds exactly the trainable numbers: every LoraLevel once (shared levels under the
+root container's names), nothing of the base model. Loading checks everything first and
+copies only when the whole file fits, so a mismatched file loads nothing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import CONFIG_NAME, MSPLoraConfig
+from .errors import AdapterMismatchError
+from .layer import LoraLevel
+from .model import _require_adapter, apply_msplora, unload
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+_SHOW = 5  # names listed in an error before "and N more"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor once, by its name in the model."""
+    out = {}
+    for prefix, module in model.named_modules():  # named_modules skips repeats
+        if isinstance(module, LoraLevel):
+            out[f"{prefix}.A"] = module.A
+            out[f"{prefix}.B"] = module.B
+    return out
+
+
+def save_adapter(model: nn.Module, directory) -> None:
+    """Write adapter_config.json and adapter_model.safetensors to `directory`."""
+    from safetensors.torch import save_file
+
+    config = _require_adapter(model, "save_adapter")
+    tensors = adapter_state_dict(model)
+    meta = [k for k, t in tensors.items() if t.is_meta]
+    if meta:
+        raise ValueError(f"save_adapter: {len(meta)} adapter tensors are on the meta device (e.g. {meta[0]}); "
+                         "materialize the model first")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(directory / WEIGHTS_NAME),
+              metadata={"format": "pt", "adapter_type": "MSPLORA"})
+
+
+def _listing(names) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - _SHOW} more" if len(names) > _SHOW else ""
+    return ", ".join(names[:_SHOW]) + more
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} in {path.parent}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterMismatchError(f"load_adapter: {path} is corrupted or truncated: {exc}") from None
+
+
+def _config_differences(saved: MSPLoraConfig, current: MSPLoraConfig) -> list[str]:
+    a, b = saved.to_dict(), current.to_dict()
+    a.pop("backend", None), b.pop("backend", None)  # a runtime choice, not part of the adapter
+    return [f"{k}: file {a[k]!r} vs model {b[k]!r}" for k in a if a[k] != b.get(k)]
+
+
+def load_adapter(model: nn.Module, directory) -> nn.Module:
+    """Load an adapter saved by save_adapter into a model with the same MSPLoRA config.
+
+    Raises AdapterMismatchError naming the layers (missing, unexpected or misshapen tensors,
+    a different config, a corrupted file) and then has loaded nothing."""
+    directory = Path(directory)
+    current = _require_adapter(model, "load_adapter")
+    try:
+        saved = MSPLoraConfig.from_pretrained(directory)
+    except ValueError as exc:
+        raise AdapterMismatchError(f"load_adapter: {exc}") from None
+    diffs = _config_differences(saved, current)
+    if diffs:
+        raise AdapterMismatchError(f"load_adapter: {directory / CONFIG_NAME} differs from the model's config: " + "; ".join(diffs))
+    tensors = _read_tensors(directory / WEIGHTS_NAME)
+    params = adapter_state_dict(model)
+    problems = []
+    missing, unexpected = params.keys() - tensors.keys(), tensors.keys() - params.keys()
+    if missing:
+        problems.append(f"missing from the file: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"not in the model: {_listing(unexpected)}")
+    shapes = [f"{k} file {tuple(tensors[k].shape)} vs model {tuple(params[k].shape)}"
+              for k in params.keys() & tensors.keys() if tensors[k].shape != params[k].shape]
+    if shapes:
+        problems.append(f"shape mismatch: {_listing(shapes)}")
+    bad_dtype = [k for k, t in tensors.items() if not t.is_floating_point()]
+    if bad_dtype:
+        problems.append(f"non-float tensors: {_listing(bad_dtype)}")
+    if problems:
+        raise AdapterMismatchError(f"load_adapter: {directory / WEIGHTS_NAME} does not fit the model ({'; '.join(problems)}); "
+                                   "nothing was loaded")
+    if any(p.is_meta for p in params.values()):
+        raise AdapterMismatchError("load_adapter: the model's adapter is on the meta device; materialize it first")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
+    return model
+
+
+def load_msplora(model: nn.Module, directory) -> nn.Module:
+    """Apply MSPLoRA from a saved adapter's config, then load its weights. On any error the
+    model is left as it was."""
+    config = MSPLoraConfig.from_pretrained(directory)
+    apply_msplora(model, config)
+    try:
+        load_adapter(model, directory)
+    except Exception:
+        unload(model)
+        raise
+    return model

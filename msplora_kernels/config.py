@@ -1,0 +1,124 @@
+"""MSPLoraConfig: which layers get MSPLoRA, with which pyramid of ranks and groups."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import re
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+CONFIG_NAME = "adapter_config.json"
+ADAPTER_TYPE = "MSPLORA"
+
+
+@dataclasses.dataclass
+class MSPLoraConfig:
+    """MSPLoRA settings, in PEFT's spirit.
+
+    target_modules: module names (a layer matches if its path ends with ".name") or one regex
+        matched against the whole path, as in PEFT.
+    ranks: one rank per level, highest first; (8, 4, 2) is global, mid, layer.
+    lora_alpha: one value for every level, or one per level; a level's scale is alpha / rank.
+    dropout: dropout on the adapter input, one mask shared by every level.
+    groups: groups per level; None means one group per layer. Layer i of N belongs to group
+        floor(g * i / N) of a level with g groups. (1, 3, None) is the paper's pyramid.
+    backend: the kernel backend of every adapted layer (None: the best available).
+    """
+
+    target_modules: Union[Sequence[str], str] = ("query", "value")
+    ranks: Sequence[int] = (8, 4, 2)
+    lora_alpha: Union[float, Sequence[float]] = 16.0
+    dropout: float = 0.0
+    groups: Sequence[Optional[int]] = (1, 3, None)
+    backend: Optional[str] = None
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as exc:
+                raise ValueError(f"MSPLoraConfig: target_modules {self.target_modules!r} is not a valid regex: {exc}")
+        else:
+            self.target_modules = tuple(self.target_modules)
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ValueError(f"MSPLoraConfig: target_modules must be non-empty names, got {self.target_modules!r}")
+        self.ranks = tuple(self.ranks)
+        self.groups = tuple(self.groups)
+        n = len(self.ranks)
+        if n == 0:
+            raise ValueError("MSPLoraConfig: ranks is empty; give at least one level")
+        for r in self.ranks:
+            if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+                raise ValueError(f"MSPLoraConfig: every rank must be an int >= 1, got ranks={self.ranks}")
+        if len(self.groups) != n:
+            raise ValueError(f"MSPLoraConfig: groups has {len(self.groups)} entries but ranks has {n}: "
+                             f"groups={self.groups}, ranks={self.ranks}")
+        sized = [g for g in self.groups if g is not None]
+        if any(isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 1 for g in sized):
+            raise ValueError(f"MSPLoraConfig: groups must be ints >= 1 or None, got {self.groups}")
+        if any(g is None for g in self.groups[:-1]):
+            raise ValueError(f"MSPLoraConfig: only the last level can be per layer (None), got groups={self.groups}")
+        if any(b <= a for a, b in zip(sized, sized[1:])):
+            raise ValueError(f"MSPLoraConfig: groups must increase from level to level, got {self.groups}")
+        if isinstance(self.lora_alpha, (list, tuple)):
+            self.lora_alpha = tuple(float(a) for a in self.lora_alpha)
+            if len(self.lora_alpha) != n:
+                raise ValueError(f"MSPLoraConfig: lora_alpha has {len(self.lora_alpha)} entries but ranks has {n}")
+        else:
+            self.lora_alpha = float(self.lora_alpha)
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"MSPLoraConfig: dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def alphas(self) -> tuple:
+        return self.lora_alpha if isinstance(self.lora_alpha, tuple) else (self.lora_alpha,) * self.num_levels
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = d["target_modules"] if isinstance(d["target_modules"], str) else list(d["target_modules"])
+        d["ranks"], d["groups"] = list(self.ranks), list(self.groups)
+        if isinstance(self.lora_alpha, tuple):
+            d["lora_alpha"] = list(self.lora_alpha)
+        return {"adapter_type": ADAPTER_TYPE, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MSPLoraConfig":
+        d = dict(d)
+        kind = d.pop("adapter_type", None)
+        if kind != ADAPTER_TYPE:
+            raise ValueError(f"MSPLoraConfig: adapter_type is {kind!r}, not {ADAPTER_TYPE!r} (is this a PEFT LoRA directory?)")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields - {"msplora_version"})
+        if unknown:
+            raise ValueError(f"MSPLoraConfig: unknown fields {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+    def save_pretrained(self, directory) -> None:
+        from . import __version__
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        data = {**self.to_dict(), "msplora_version": __version__}
+        (Path(directory) / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "MSPLoraConfig":
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"MSPLoraConfig: no {CONFIG_NAME} in {directory}")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"MSPLoraConfig: {path} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+def group_of(layer: int, num_layers: int, groups: Optional[int]) -> int:
+    """The group of layer `layer` of `num_layers` in a level with `groups` groups (None: per layer)."""
+    if groups is None:
+        return layer
+    return (groups * layer) // num_layers

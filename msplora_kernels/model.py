@@ -1,0 +1,231 @@
+"""MSPLoRA on whole models: injection into Hugging Face transformers, counts, merge and unload.
+
+Shared levels (a level with a group count) live once, in one container registered at the
+model's root (`model.msplora_factors`); adapted layers only reference them. Per-layer levels
+are owned by their layer. So model.parameters(), state_dict, DDP and FSDP2 see every
+tensor once.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import MSPLoraConfig, group_of
+from .layer import LoraLevel, MSPLoraLinear
+
+FACTORS_ATTR = "msplora_factors"
+# The stack a layer sits in: the first "...layers.<i>." style component of its path.
+_LAYER_INDEX = re.compile(r"(?:^|\.)(layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
+
+
+class MSPLoraFactors(nn.Module):
+    """The root container of shared levels: factors[target][f"level{l}"][f"group{g}"]."""
+
+    def __init__(self):
+        super().__init__()
+        self.targets = nn.ModuleDict()
+        self.original_requires_grad: dict[str, bool] = {}
+        self.layer_paths: list[str] = []
+
+    def get_or_create(self, target: str, level: int, group: int, make) -> LoraLevel:
+        if target not in self.targets:
+            self.targets[target] = nn.ModuleDict()
+        levels = self.targets[target]
+        if f"level{level}" not in levels:
+            levels[f"level{level}"] = nn.ModuleDict()
+        groups = levels[f"level{level}"]
+        if f"group{group}" not in groups:
+            groups[f"group{group}"] = make()
+        return groups[f"group{group}"]
+
+
+@dataclass
+class _Site:
+    path: str
+    linear: nn.Linear
+    target: str
+    layer: int
+    num_layers: int
+
+
+def _matches(path: str, target_modules) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, path) is not None
+    return any(path == t or path.endswith("." + t) for t in target_modules)
+
+
+def _sites(model: nn.Module, config: MSPLoraConfig) -> list[_Site]:
+    found = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.Linear) and p and _matches(p, config.target_modules)]
+    if not found:
+        linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)][:12]
+        raise ValueError(f"apply_msplora: no nn.Linear matches target_modules={config.target_modules!r}; "
+                         f"linear layers include {linears}")
+    sites = []
+    for path, linear in found:
+        m = _LAYER_INDEX.search(path)
+        if m is None:
+            raise ValueError(f"apply_msplora: {path!r} is not inside a stack of layers (no '.layers.<i>.' or "
+                             f"'.layer.<i>.' in its path), so it has no place in the pyramid; narrow target_modules")
+        stack = path[: m.start(2) - 1]
+        site = _Site(path, linear, path.rsplit(".", 1)[-1], int(m.group(2)), len(model.get_submodule(stack)))
+        sites.append((stack, site))
+    if len({stack for stack, _ in sites}) > 1:
+        # Several stacks (an encoder and a decoder): each keeps its own shared levels.
+        for stack, site in sites:
+            site.target = f"{stack.replace('.', '_')}__{site.target}"
+    return [site for _, site in sites]
+
+
+def apply_msplora(model: nn.Module, config: MSPLoraConfig) -> nn.Module:
+    """Replace the targeted nn.Linear layers of `model` in place with MSPLoraLinear, freeze
+    everything else, and return the model. Works on models built on the meta device."""
+    if not isinstance(config, MSPLoraConfig):
+        raise TypeError(f"apply_msplora: config must be an MSPLoraConfig, got {type(config).__name__}")
+    if hasattr(model, FACTORS_ATTR) or any(isinstance(m, MSPLoraLinear) for m in model.modules()):
+        raise ValueError("apply_msplora: the model already has MSPLoRA layers; unload it first")
+    sites = _sites(model, config)
+    # Layers that share a factor must agree in shape; name the first pair that does not.
+    owners: dict[tuple, _Site] = {}
+    for site in sites:
+        for level, g in enumerate(config.groups):
+            if g is None:
+                continue
+            key = (site.target, level, group_of(site.layer, site.num_layers, g))
+            first = owners.setdefault(key, site)
+            shape, first_shape = (site.linear.in_features, site.linear.out_features), (first.linear.in_features, first.linear.out_features)
+            if shape != first_shape:
+                raise ValueError(f"apply_msplora: {first.path} {first_shape} and {site.path} {shape} would share level "
+                                 f"{level} of target {site.target!r} but differ in shape (in, out)")
+
+    factors = MSPLoraFactors()
+    factors.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for site in sites:
+        w = site.linear.weight
+
+        def make(rank, alpha, site=site, w=w):
+            return lambda: LoraLevel(site.linear.in_features, site.linear.out_features, rank, alpha, device=w.device, dtype=w.dtype)
+
+        levels = [
+            None if g is None else factors.get_or_create(site.target, level, group_of(site.layer, site.num_layers, g),
+                                                         make(config.ranks[level], config.alphas[level]))
+            for level, g in enumerate(config.groups)
+        ]
+        layer = MSPLoraLinear.from_linear(site.linear, ranks=config.ranks, lora_alpha=config.alphas,
+                                          dropout=config.dropout, levels=levels, backend=config.backend)
+        parent_path, _, attr = site.path.rpartition(".")
+        setattr(model.get_submodule(parent_path), attr, layer)
+        factors.layer_paths.append(site.path)
+    model.add_module(FACTORS_ATTR, factors)
+    model.msplora_config = config
+    return model
+
+
+def adapted_layers(model: nn.Module) -> list[tuple[str, MSPLoraLinear]]:
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, MSPLoraLinear)]
+
+
+def _require_adapter(model: nn.Module, who: str) -> MSPLoraConfig:
+    config = getattr(model, "msplora_config", None)
+    if config is None or not hasattr(model, FACTORS_ATTR):
+        raise ValueError(f"{who}: the model has no MSPLoRA adapter; call apply_msplora or load_msplora first")
+    return config
+
+
+def summary(model: nn.Module) -> dict:
+    """Trainable parameters per level and in total, next to LoRA's count for the same layers
+    at the global rank (what the paper compares against)."""
+    config = _require_adapter(model, "summary")
+    layers = adapted_layers(model)
+    per_level = []
+    for level in range(config.num_levels):
+        unique = {id(layer.levels[level]): layer.levels[level] for _, layer in layers}
+        per_level.append({
+            "level": level,
+            "rank": config.ranks[level],
+            "groups": config.groups[level] if config.groups[level] is not None else "per layer",
+            "factor_pairs": len(unique),
+            "params": sum(lvl.A.numel() + lvl.B.numel() for lvl in unique.values()),
+        })
+    total = sum(row["params"] for row in per_level)
+    lora = sum(config.ranks[0] * (layer.in_features + layer.out_features) for _, layer in layers)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    every = sum(p.numel() for p in model.parameters())
+    return {"levels": per_level, "total": total, "lora_rank": config.ranks[0], "lora_equivalent": lora,
+            "adapted_layers": len(layers), "trainable": trainable, "all_params": every}
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    s = summary(model)
+    print(f"trainable params: {s['trainable']:,} || all params: {s['all_params']:,} || "
+          f"trainable%: {100 * s['trainable'] / max(s['all_params'], 1):.4f}")
+    for row in s["levels"]:
+        print(f"  level {row['level']}: rank {row['rank']:>3}, groups {row['groups']!s:>9}, "
+              f"{row['factor_pairs']:>4} factor pairs, {row['params']:,} params")
+    print(f"  MSPLoRA total {s['total']:,} vs LoRA r={s['lora_rank']} on the same {s['adapted_layers']} layers "
+          f"{s['lora_equivalent']:,} ({s['total'] / s['lora_equivalent']:.3f}x)")
+
+
+def merge_adapter(model: nn.Module) -> None:
+    """Fold every adapter into its base weight in place (inference at nn.Linear speed)."""
+    _require_adapter(model, "merge_adapter")
+    for _, layer in adapted_layers(model):
+        layer.merge()
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    _require_adapter(model, "unmerge_adapter")
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block the model computes its base outputs; merged weights are unmerged and
+    re-merged on exit."""
+    _require_adapter(model, "disable_adapters")
+    layers = [layer for _, layer in adapted_layers(model)]
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        for layer in merged:
+            layer.merge()
+
+
+def _unload(model: nn.Module, merge: bool) -> nn.Module:
+    _require_adapter(model, "unload")
+    factors = getattr(model, FACTORS_ATTR)
+    for path, layer in adapted_layers(model):
+        if merge:
+            layer.merge()
+        elif layer.merged:
+            layer.unmerge()
+        parent_path, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), attr, layer.to_linear())
+    delattr(model, FACTORS_ATTR)
+    del model.msplora_config
+    for name, p in model.named_parameters():
+        p.requires_grad_(factors.original_requires_grad.get(name, p.requires_grad))
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and return the model with plain nn.Linear layers, as PEFT does."""
+    return _unload(model, merge=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove MSPLoRA without merging: the base model as it was, requires_grad flags included."""
+    return _unload(model, merge=False)

@@ -1,0 +1,55 @@
+"""Exact export of an MSPLoRA adapter as a standard PEFT LoRA adapter.
+
+Per layer, sum_i s_i A_i B_i = [A_1 | ... | A_L] [s_1 B_1; ...; s_L B_L] is exactly a LoRA of
+rank R = sum(ranks). Written with r = lora_alpha = R (scaling 1), it loads in PEFT, and in
+every serving stack that takes PEFT LoRA adapters (vLLM needs --max-lora-rank >= R).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter_io import WEIGHTS_NAME
+from .model import _require_adapter, adapted_layers
+
+
+def peft_lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """lora_A (R x in) and lora_B (out x R) per adapted layer, under PEFT's saved names."""
+    out = {}
+    with torch.no_grad():
+        for path, layer in adapted_layers(model):
+            a = torch.cat([lvl.A for lvl in layer.levels], dim=1)  # in x R
+            b = torch.cat([lvl.scale * lvl.B for lvl in layer.levels], dim=0)  # R x out
+            out[f"base_model.model.{path}.lora_A.weight"] = a.T.contiguous().cpu()
+            out[f"base_model.model.{path}.lora_B.weight"] = b.T.contiguous().cpu()
+    return out
+
+
+def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None = None) -> int:
+    """Write a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors); returns its rank R."""
+    try:
+        import peft
+    except ImportError as exc:
+        raise ImportError("export_peft needs peft: pip install peft") from exc
+    from safetensors.torch import save_file
+
+    config = _require_adapter(model, "export_peft")
+    layers = adapted_layers(model)
+    if any(layer.merged for _, layer in layers):
+        raise ValueError("export_peft: some layers are merged; unmerge_adapter(model) first, or the export would count the update twice")
+    rank = sum(config.ranks)
+    lora = peft.LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=[path for path, _ in layers],
+        lora_dropout=config.dropout,
+        bias="none",
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lora.save_pretrained(str(directory))
+    save_file(peft_lora_tensors(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    return rank
