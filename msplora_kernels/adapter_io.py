@@ -14,19 +14,23 @@ from torch import nn
 from .config import CONFIG_NAME, MSPLoraConfig
 from .errors import AdapterMismatchError
 from .layer import LoraLevel
-from .model import _require_adapter, apply_msplora, unload
+from .model import _require_adapter, apply_msplora, saved_modules, unload
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 _SHOW = 5  # names listed in an error before "and N more"
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every adapter tensor once, by its name in the model."""
+    """Every adapter tensor once, by its name in the model: the levels' factors and the
+    parameters of modules_to_save."""
     out = {}
     for prefix, module in model.named_modules():  # named_modules skips repeats
         if isinstance(module, LoraLevel):
             out[f"{prefix}.A"] = module.A
             out[f"{prefix}.B"] = module.B
+    for path, module in saved_modules(model):
+        for name, p in module.named_parameters():
+            out[f"{path}.{name}"] = p
     return out
 
 

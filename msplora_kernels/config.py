@@ -24,6 +24,8 @@ class MSPLoraConfig:
     groups: groups per level; None means one group per layer. Layer i of N belongs to group
         floor(g * i / N) of a level with g groups. (1, 3, None) is the paper's pyramid.
     backend: the kernel backend of every adapted layer (None: the best available).
+    modules_to_save: modules trained in full and saved with the adapter (a classifier head),
+        matched by name as target_modules are.
     """
 
     target_modules: Union[Sequence[str], str] = ("query", "value")
@@ -32,6 +34,7 @@ class MSPLoraConfig:
     dropout: float = 0.0
     groups: Sequence[Optional[int]] = (1, 3, None)
     backend: Optional[str] = None
+    modules_to_save: Sequence[str] = ()
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
@@ -43,6 +46,9 @@ class MSPLoraConfig:
             self.target_modules = tuple(self.target_modules)
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
                 raise ValueError(f"MSPLoraConfig: target_modules must be non-empty names, got {self.target_modules!r}")
+        self.modules_to_save = tuple(self.modules_to_save or ())
+        if not all(isinstance(t, str) and t for t in self.modules_to_save):
+            raise ValueError(f"MSPLoraConfig: modules_to_save must be module names, got {self.modules_to_save!r}")
         self.ranks = tuple(self.ranks)
         self.groups = tuple(self.groups)
         n = len(self.ranks)
@@ -82,6 +88,7 @@ class MSPLoraConfig:
         d = dataclasses.asdict(self)
         d["target_modules"] = d["target_modules"] if isinstance(d["target_modules"], str) else list(d["target_modules"])
         d["ranks"], d["groups"] = list(self.ranks), list(self.groups)
+        d["modules_to_save"] = list(self.modules_to_save)
         if isinstance(self.lora_alpha, tuple):
             d["lora_alpha"] = list(self.lora_alpha)
         return {"adapter_type": ADAPTER_TYPE, **d}

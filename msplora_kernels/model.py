@@ -30,6 +30,7 @@ class MSPLoraFactors(nn.Module):
         self.targets = nn.ModuleDict()
         self.original_requires_grad: dict[str, bool] = {}
         self.layer_paths: list[str] = []
+        self.saved_module_paths: list[str] = []
 
     def get_or_create(self, target: str, level: int, group: int, make) -> LoraLevel:
         if target not in self.targets:
@@ -121,9 +122,19 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig) -> nn.Module:
         parent_path, _, attr = site.path.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, layer)
         factors.layer_paths.append(site.path)
+    for path, module in list(model.named_modules()):
+        if path and config.modules_to_save and _matches(path, config.modules_to_save):
+            module.requires_grad_(True)
+            factors.saved_module_paths.append(path)
     model.add_module(FACTORS_ATTR, factors)
     model.msplora_config = config
     return model
+
+
+def saved_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules_to_save of the adapter, by path."""
+    factors = getattr(model, FACTORS_ATTR)
+    return [(path, model.get_submodule(path)) for path in factors.saved_module_paths]
 
 
 def adapted_layers(model: nn.Module) -> list[tuple[str, MSPLoraLinear]]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .adapter_io import WEIGHTS_NAME
-from .model import _require_adapter, adapted_layers
+from .model import _require_adapter, adapted_layers, saved_modules
 
 
 def peft_lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -24,6 +24,9 @@ def peft_lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             b = torch.cat([lvl.scale * lvl.B for lvl in layer.levels], dim=0)  # R x out
             out[f"base_model.model.{path}.lora_A.weight"] = a.T.contiguous().cpu()
             out[f"base_model.model.{path}.lora_B.weight"] = b.T.contiguous().cpu()
+        for path, module in saved_modules(model):
+            for name, p in module.named_parameters():
+                out[f"base_model.model.{path}.{name}"] = p.detach().contiguous().cpu()
     return out
 
 
@@ -46,6 +49,7 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None
         target_modules=[path for path, _ in layers],
         lora_dropout=config.dropout,
         bias="none",
+        modules_to_save=list(config.modules_to_save) or None,
         base_model_name_or_path=base_model_name_or_path,
     )
     directory = Path(directory)

@@ -1,0 +1,188 @@
+"""MSPLoRA on Hugging Face models: config, injection, counts, sharing, training, merge."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaModel
+
+import msplora_kernels as mk
+from msplora_kernels.config import group_of
+from models import randomize_adapter, tiny_bert, tiny_llama, tokens
+
+
+def test_paper_counts_roberta_base_on_meta():
+    with torch.device("meta"):
+        model = RobertaModel(RobertaConfig())
+    mk.apply_msplora(model, mk.MSPLoraConfig(target_modules=["query", "value"], ranks=(8, 4, 2)))
+    s = mk.summary(model)
+    assert s["total"] == 135_168 and s["trainable"] == 135_168
+    assert s["lora_equivalent"] == 294_912
+    assert [row["factor_pairs"] for row in s["levels"]] == [2, 6, 24]
+
+
+def test_paper_counts_llama2_7b_on_meta():
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    mk.apply_msplora(model, mk.MSPLoraConfig(target_modules=["q_proj", "v_proj"], ranks=(64, 32, 16)))
+    s = mk.summary(model)
+    assert s["total"] == 11_010_048 and s["lora_equivalent"] == 33_554_432
+
+
+@pytest.mark.parametrize("n,expected", [
+    (12, [0] * 4 + [1] * 4 + [2] * 4),
+    (32, [0] * 11 + [1] * 11 + [2] * 10),
+    (7, [0, 0, 0, 1, 1, 2, 2]),
+])
+def test_group_assignment(n, expected):
+    assert [group_of(i, n, 3) for i in range(n)] == expected
+    assert [group_of(i, n, 1) for i in range(n)] == [0] * n
+    assert [group_of(i, n, None) for i in range(n)] == list(range(n))
+
+
+def test_model_layers_reference_their_group_factor():
+    model = tiny_bert(num_layers=7)
+    mk.apply_msplora(model, mk.MSPLoraConfig(target_modules=["query", "value"]))
+    factors = model.msplora_factors.targets
+    for i, layer in enumerate(model.bert.encoder.layer):
+        q = layer.attention.self.query
+        assert q.levels[0] is factors["query"]["level0"]["group0"]
+        assert q.levels[1] is factors["query"]["level1"][f"group{group_of(i, 7, 3)}"]
+        assert q.levels[2] is q.own_levels["2"]
+        v = layer.attention.self.value
+        assert v.levels[0] is factors["value"]["level0"]["group0"] and v.levels[0] is not q.levels[0]
+
+
+def test_shared_factors_are_one_storage_and_registered_once():
+    model = tiny_bert()
+    mk.apply_msplora(model, mk.MSPLoraConfig(target_modules=["query", "value"]))
+    layers = [layer.attention.self.query for layer in model.bert.encoder.layer]
+    assert len({l.levels[0].A.data_ptr() for l in layers}) == 1
+    names = [n for n, _ in model.named_parameters() if "level0" in n and "query" in n]
+    assert names == ["msplora_factors.targets.query.level0.group0.A", "msplora_factors.targets.query.level0.group0.B"]
+    ids = [id(p) for p in model.parameters()]
+    assert len(ids) == len(set(ids))
+    assert sum(1 for k in model.state_dict() if k.endswith("level0.group0.A")) == 2  # query and value
+
+
+def test_shared_gradients_sum_over_layers():
+    model = tiny_bert()
+    mk.apply_msplora(model, mk.MSPLoraConfig(target_modules=["query", "value"]))
+    randomize_adapter(model)
+    ids = tokens()
+    model(ids).logits.square().sum().backward()
+    shared = model.msplora_factors.targets["query"]["level0"]["group0"]
+    tied = shared.A.grad.clone()
+    # Untie: every layer gets its own copy of the global level; their gradients must add up to the tied one.
+    untied = copy.deepcopy(model)
+    untied.zero_grad()
+    copies = []
+    for layer in untied.bert.encoder.layer:
+        q = layer.attention.self.query
+        own = copy.deepcopy(q.levels[0])
+        q._levels = (own,) + q._levels[1:]
+        copies.append(own)
+    untied(ids).logits.square().sum().backward()
+    torch.testing.assert_close(sum(c.A.grad for c in copies), tied, rtol=1e-4, atol=1e-6)
+    assert all(c.A.grad.abs().sum() > 0 for c in copies)
+
+
+def test_only_adapter_parameters_change_when_training():
+    model = tiny_bert()
+    mk.apply_msplora(model, mk.MSPLoraConfig(target_modules=["query", "value"], dropout=0.1))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter = set(mk.adapter_state_dict(model))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    labels = torch.randint(0, 3, (3,))
+    for _ in range(3):
+        opt.zero_grad()
+        model(tokens(), labels=labels).loss.backward()
+        opt.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= adapter, sorted(changed - adapter)[:5]
+    assert {k for k in adapter if k.endswith(".B")} <= changed
+
+
+def test_modules_to_save_are_trained_and_counted():
+    model = tiny_bert()
+    mk.apply_msplora(model, mk.MSPLoraConfig(target_modules=["query", "value"], modules_to_save=["classifier"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    assert trainable == set(mk.adapter_state_dict(model))
+
+
+def test_gqa_shapes_differ_per_target_name_and_mismatch_is_named():
+    model = tiny_llama(kv_heads=2)
+    mk.apply_msplora(model, mk.MSPLoraConfig(target_modules=["q_proj", "k_proj", "v_proj"]))
+    k = model.model.layers[0].self_attn.k_proj
+    assert (k.in_features, k.out_features) == (32, 16)
+    # One regex naming two differently shaped layers under one target name cannot share.
+    model2 = tiny_llama(kv_heads=2)
+    for layer in model2.model.layers[:2]:
+        layer.self_attn.q_proj = nn.Linear(32, 48, bias=False)
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj \(32, 48\) and model.layers.2.self_attn.q_proj \(32, 32\)"):
+        mk.apply_msplora(model2, mk.MSPLoraConfig(target_modules=["q_proj"]))
+
+
+def test_bad_configs_are_clear():
+    with pytest.raises(ValueError, match="groups has 2 entries but ranks has 3"):
+        mk.MSPLoraConfig(groups=(1, 3))
+    with pytest.raises(ValueError, match="every rank must be an int >= 1"):
+        mk.MSPLoraConfig(ranks=(8, 0, 2))
+    with pytest.raises(ValueError, match="groups must increase"):
+        mk.MSPLoraConfig(groups=(3, 1, None))
+    with pytest.raises(ValueError, match="lora_alpha has 2 entries"):
+        mk.MSPLoraConfig(lora_alpha=(16, 8))
+    with pytest.raises(ValueError, match="no nn.Linear matches"):
+        mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="not inside a stack of layers"):
+        mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig(target_modules=["classifier"]))
+    model = mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig())
+    with pytest.raises(ValueError, match="already has MSPLoRA"):
+        mk.apply_msplora(model, mk.MSPLoraConfig())
+
+
+def test_four_level_pyramid_and_regex_targets():
+    model = tiny_llama(num_layers=8)
+    cfg = mk.MSPLoraConfig(target_modules=r".*\.(q_proj|v_proj)", ranks=(8, 6, 4, 2), groups=(1, 2, 4, None))
+    mk.apply_msplora(model, cfg)
+    s = mk.summary(model)
+    assert [row["factor_pairs"] for row in s["levels"]] == [2, 4, 8, 16]
+
+
+def test_merge_unmerge_disable_and_merge_and_unload():
+    base = tiny_llama()
+    ids = tokens()
+    with torch.no_grad():
+        base_out = base(ids).logits
+    model = mk.apply_msplora(copy.deepcopy(base), mk.MSPLoraConfig(target_modules=["q_proj", "v_proj"]))
+    randomize_adapter(model, std=0.2)
+    with torch.no_grad():
+        adapted = model(ids).logits
+        assert (adapted - base_out).abs().max() > 1e-3
+        with mk.disable_adapters(model):
+            torch.testing.assert_close(model(ids).logits, base_out)
+        mk.merge_adapter(model)
+        torch.testing.assert_close(model(ids).logits, adapted, rtol=1e-4, atol=1e-5)
+        with mk.disable_adapters(model):
+            torch.testing.assert_close(model(ids).logits, base_out, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(ids).logits, adapted, rtol=1e-4, atol=1e-5)
+        mk.unmerge_adapter(model)
+        merged = mk.merge_and_unload(model)
+        assert not any(isinstance(m, mk.MSPLoraLinear) for m in merged.modules())
+        assert not hasattr(merged, "msplora_factors")
+        torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-4, atol=1e-5)
+    assert all(p.requires_grad for p in merged.parameters())  # restored as before apply
+
+
+def test_unload_restores_the_base_model():
+    base = tiny_bert()
+    names = [n for n, _ in base.named_parameters()]
+    model = mk.unload(mk.apply_msplora(copy.deepcopy(base), mk.MSPLoraConfig()))
+    assert [n for n, _ in model.named_parameters()] == names
+    ids = tokens()
+    torch.testing.assert_close(model(ids).logits, base(ids).logits)

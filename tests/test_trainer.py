@@ -1,0 +1,34 @@
+"""A short transformers.Trainer run on a tiny model with MSPLoRA."""
+import torch
+from torch.utils.data import Dataset
+
+import msplora_kernels as mk
+from models import tiny_bert
+
+
+class Toy(Dataset):
+    def __init__(self, n=24):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 100, (n, 12), generator=g)
+        self.labels = (self.ids[:, 0] % 3).long()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def test_trainer_steps(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig(modules_to_save=["classifier"], dropout=0.1))
+    base = {k: v.clone() for k, v in model.state_dict().items() if k not in mk.adapter_state_dict(model)}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
+                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Toy())
+    result = trainer.train()
+    assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
+    after = model.state_dict()
+    assert all(torch.equal(base[k], after[k]) for k in base)
+    assert any(k.endswith(".B") and v.abs().sum() > 0 for k, v in mk.adapter_state_dict(model).items())
