@@ -55,7 +55,8 @@ def metadata(device, dtype) -> dict:
 
 
 def add_ratios(records: list[dict]) -> None:
-    """Each record's fwd+bwd time relative to `linear` and `peft_lora` of the same case."""
+    """Each record's fwd+bwd time relative to the floor (`linear`, or `no_adapter` for a model step;
+    stored as vs_linear) and to `peft_lora` of the same case."""
     ref = {}
     for r in records:
         if r["method"] in ("linear", "peft_lora", "no_adapter"):
@@ -76,6 +77,7 @@ def _fmt(v, spec):
 
 
 def table(records: list[dict]) -> str:
+    floor = "x no_adapter" if any(r["method"] == "no_adapter" for r in records) else "x linear"
     cols = [
         ("case", lambda r: r["case"]),
         ("method", label),
@@ -84,7 +86,7 @@ def table(records: list[dict]) -> str:
         ("fwd ms", lambda r: _fmt(r["fwd_ms"], ".2f")),
         ("fwd+bwd ms", lambda r: _fmt(r["fwd_bwd_ms"], ".2f")),
         ("q20-q80", lambda r: f"{r['fwd_bwd_q20_ms']:.2f}-{r['fwd_bwd_q80_ms']:.2f}"),
-        ("x linear", lambda r: _fmt(r["vs_linear"], ".3f")),
+        (floor, lambda r: _fmt(r["vs_linear"], ".3f")),
         ("x peft_lora", lambda r: _fmt(r["vs_peft_lora"], ".3f")),
         ("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
         ("peak MB", lambda r: _fmt(r["peak_mem_mb"], ".1f")),

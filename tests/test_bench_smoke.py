@@ -35,3 +35,13 @@ def test_layer_bench_tiny(tmp_path):
     assert {r["trainable_params"] for r in records if r["method"].startswith("msplora")} == {(64 + 48) * 14}
     assert "msplora[cpp]" in stdout and "x linear" in stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_step_quick(tmp_path):
+    stdout, data, png = run_bench(tmp_path, "--model", "--methods", "peft_lora", "msplora")
+    records = data["records"]
+    assert [r["method"] for r in records][:2] == ["no_adapter", "peft_lora"]
+    assert {r["backend"] for r in records if r["method"] == "msplora"} >= {"cpp"}
+    assert records[0]["trainable_params"] == 0 and all(r["trainable_params"] > 0 for r in records[1:])
+    assert all(r["fwd_bwd_ms"] > 0 and FIELDS <= r.keys() for r in records)
+    assert "x no_adapter" in stdout
