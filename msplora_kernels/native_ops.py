@@ -45,6 +45,11 @@ if _native.loaded():
         return x.new_empty(x.shape)
 
 
+    from .op_autograd import register
+
+    register("msplora")
+
+
 def op_table():
     """The compiled ops, with the names every fused backend provides."""
     return torch.ops.msplora

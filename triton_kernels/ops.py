@@ -136,3 +136,12 @@ def dropout_mask(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
     wrap_triton(kernels.dropout_mask_kernel)[grid](out, seed, M, K, p, _keep_scale(p), BLOCK_M=32, BLOCK_K=32)
     return out
+
+
+def _register_autograd():
+    from msplora_kernels.op_autograd import register
+
+    register("msplora_triton")
+
+
+_register_autograd()

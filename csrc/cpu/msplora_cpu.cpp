@@ -123,21 +123,22 @@ at::Tensor grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::
   check_dim(a.size(0), weight.size(1), "a.size(0) vs weight.size(1) (in_features)");
   check_dim(a.size(1), dt.size(1), "a.size(1) vs dt.size(1) (total rank)");
   check_dropout(p, seed);
+  // One big GEMM here: unlike the forward, mm into row chunks measured slower than one mm
+  // plus the in-place add (24.5 vs 24.0 ms at d=768, 4096 rows).
+  at::Tensor dx = at::mm(dy, weight);
+  if (p == 0.0) {
+    dx.addmm_(dt, a.t());
+    return dx;
+  }
+  // Only the LoRA branch saw the dropped input, so only its term is masked; chunks keep the
+  // temporary small.
   const int64_t rows = dy.size(0), cols = weight.size(1);
   const int64_t seed_value = read_seed(p, seed);
-  at::Tensor dx = at::empty({rows, cols}, dy.options());
   for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
     const int64_t n = std::min(kRowChunk, rows - r0);
-    at::Tensor dxc = dx.narrow(0, r0, n);
-    at::mm_out(dxc, dy.narrow(0, r0, n), weight);
-    if (p == 0.0) {
-      dxc.addmm_(dt.narrow(0, r0, n), a.t());
-    } else {
-      // Only the LoRA branch saw the dropped input, so only its term is masked.
-      at::Tensor lora = at::mm(dt.narrow(0, r0, n), a.t());
-      apply_dropout_cpu(lora, lora, p, seed_value, r0 * cols);
-      dxc.add_(lora);
-    }
+    at::Tensor lora = at::mm(dt.narrow(0, r0, n), a.t());
+    apply_dropout_cpu(lora, lora, p, seed_value, r0 * cols);
+    dx.narrow(0, r0, n).add_(lora);
   }
   return dx;
 }
