@@ -89,3 +89,21 @@ def test_opcheck(backend):
     ns = torch.ops.msplora_triton if backend == "triton" else torch.ops.msplora
     for op, args in _op_cases(ns):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_autocast_follows_nn_linear(backend, dtype):
+    layer = mk.MSPLoraLinear(768, 768, ranks=(8, 4, 2), backend=backend, device="cuda")
+    for lvl in layer.levels:
+        torch.nn.init.normal_(lvl.B, std=0.05)
+    x = torch.randn(4, 256, 768, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        y = layer(x)
+        ref = mk.msplora_linear_reference(x, layer.weight, layer.bias, [l.A for l in layer.levels],
+                                          [l.B for l in layer.levels], list(layer.scales))
+        lin = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert y.dtype == ref.dtype == lin.dtype == dtype
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    y.float().square().mean().backward()
+    assert layer.levels[0].A.grad.dtype == torch.float32 and torch.isfinite(layer.levels[0].A.grad).all()

@@ -124,9 +124,10 @@ def test_autocast_cpu_bf16_follows_nn_linear(backend):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
         y_lin = lin(x)
-        ref = mk.msplora_linear(x, layer.weight, layer.bias, [l.A for l in layer.levels],
-                                [l.B for l in layer.levels], list(layer.scales), backend="torch")
-    assert y.dtype == y_lin.dtype == torch.bfloat16
+        # The reference's plain ops, under the same autocast.
+        ref = mk.msplora_linear_reference(x, layer.weight, layer.bias, [l.A for l in layer.levels],
+                                          [l.B for l in layer.levels], list(layer.scales))
+    assert y.dtype == y_lin.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
     y.float().sum().backward()
     assert layer.levels[0].A.grad.dtype == torch.float32
