@@ -51,11 +51,7 @@ at::Tensor dropped(const at::Tensor& x, double p, const at::Tensor& seed) {
 }
 
 at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, double p, const at::Tensor& seed) {
-  check_matrix(x, "x");
-  check_matrix(a, "a");
-  check_same(a, x, "a", "x");
-  check_dim(a.size(0), x.size(1), "a.size(0) vs x.size(1) (in_features)");
-  check_dropout(p, seed);
+  check_shrink_args(x, a, p, seed);
   // MKL runs the wide product (R x K)(K x M) faster than the skinny (M x K)(K x R),
   // so T is computed as T^T and returned as a column-major (M, R) view.
   return at::mm(a.t(), dropped(x, p, seed).t()).t();
@@ -63,23 +59,8 @@ at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, double p, const 
 
 at::Tensor expand_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                              const at::Tensor& t, const at::Tensor& b) {
-  check_matrix(x, "x");
-  check_matrix(weight, "weight");
-  check_matrix(t, "t");
-  check_matrix(b, "b");
-  check_same(weight, x, "weight", "x");
-  check_same(t, x, "t", "x");
-  check_same(b, x, "b", "x");
-  check_dim(weight.size(1), x.size(1), "weight.size(1) vs x.size(1) (in_features)");
-  check_dim(t.size(0), x.size(0), "t.size(0) vs x.size(0) (rows)");
-  check_dim(b.size(0), t.size(1), "b.size(0) vs t.size(1) (total rank)");
-  check_dim(b.size(1), weight.size(0), "b.size(1) vs weight.size(0) (out_features)");
+  check_expand_linear_args(x, weight, bias, t, b);
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "msplora: bias must have shape (",
-                weight.size(0), ",), got ", bias->sizes());
-    check_same(*bias, x, "bias", "x");
-  }
   const int64_t rows = x.size(0);
   at::Tensor y = at::empty({rows, weight.size(0)}, x.options());
   for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
@@ -97,32 +78,14 @@ at::Tensor expand_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_t_b_cpu(const at::Tensor& dy, const at::Tensor& t, const at::Tensor& b) {
-  check_matrix(dy, "dy");
-  check_matrix(t, "t");
-  check_matrix(b, "b");
-  check_same(t, dy, "t", "dy");
-  check_same(b, dy, "b", "dy");
-  check_dim(t.size(0), dy.size(0), "t.size(0) vs dy.size(0) (rows)");
-  check_dim(b.size(0), t.size(1), "b.size(0) vs t.size(1) (total rank)");
-  check_dim(b.size(1), dy.size(1), "b.size(1) vs dy.size(1) (out_features)");
+  check_grad_t_b_args(dy, t, b);
   // Wide orientation again: dT^T = b dy^T, returned as a column-major (M, R) view.
   return {at::mm(b, dy.t()).t(), at::mm(t.t(), dy)};
 }
 
 at::Tensor grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dt, const at::Tensor& a,
                       double p, const at::Tensor& seed) {
-  check_matrix(dy, "dy");
-  check_matrix(weight, "weight");
-  check_matrix(dt, "dt");
-  check_matrix(a, "a");
-  check_same(weight, dy, "weight", "dy");
-  check_same(dt, dy, "dt", "dy");
-  check_same(a, dy, "a", "dy");
-  check_dim(weight.size(0), dy.size(1), "weight.size(0) vs dy.size(1) (out_features)");
-  check_dim(dt.size(0), dy.size(0), "dt.size(0) vs dy.size(0) (rows)");
-  check_dim(a.size(0), weight.size(1), "a.size(0) vs weight.size(1) (in_features)");
-  check_dim(a.size(1), dt.size(1), "a.size(1) vs dt.size(1) (total rank)");
-  check_dropout(p, seed);
+  check_grad_x_args(dy, weight, dt, a, p, seed);
   // One big GEMM here: unlike the forward, mm into row chunks measured slower than one mm
   // plus the in-place add (24.5 vs 24.0 ms at d=768, 4096 rows).
   at::Tensor dx = at::mm(dy, weight);
@@ -144,11 +107,7 @@ at::Tensor grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::
 }
 
 at::Tensor grad_a_cpu(const at::Tensor& x, const at::Tensor& dt, double p, const at::Tensor& seed) {
-  check_matrix(x, "x");
-  check_matrix(dt, "dt");
-  check_same(dt, x, "dt", "x");
-  check_dim(dt.size(0), x.size(0), "dt.size(0) vs x.size(0) (rows)");
-  check_dropout(p, seed);
+  check_grad_a_args(x, dt, p, seed);
   // dA^T = dT^T x in the wide orientation, returned as a column-major (K, R) view.
   return at::mm(dt.t(), dropped(x, p, seed)).t();
 }

@@ -44,11 +44,7 @@ at::Tensor fp32_zeros(int64_t rows, int64_t cols, const at::Tensor& like) {
 }
 
 at::Tensor shrink_cuda(const at::Tensor& x, const at::Tensor& a, double p, const at::Tensor& seed) {
-  check_matrix(x, "x");
-  check_matrix(a, "a");
-  check_same(a, x, "a", "x");
-  check_dim(a.size(0), x.size(1), "a.size(0) vs x.size(1) (in_features)");
-  check_dropout(p, seed);
+  check_shrink_args(x, a, p, seed);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), ac = a.contiguous();
   const int64_t M = x.size(0), K = x.size(1), R = a.size(1);
@@ -65,23 +61,10 @@ at::Tensor shrink_cuda(const at::Tensor& x, const at::Tensor& a, double p, const
 
 at::Tensor expand_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                               const at::Tensor& t, const at::Tensor& b) {
-  check_matrix(x, "x");
-  check_matrix(weight, "weight");
-  check_matrix(t, "t");
-  check_matrix(b, "b");
-  check_same(weight, x, "weight", "x");
-  check_same(t, x, "t", "x");
-  check_same(b, x, "b", "x");
-  check_dim(weight.size(1), x.size(1), "weight.size(1) vs x.size(1) (in_features)");
-  check_dim(t.size(0), x.size(0), "t.size(0) vs x.size(0) (rows)");
-  check_dim(b.size(0), t.size(1), "b.size(0) vs t.size(1) (total rank)");
-  check_dim(b.size(1), weight.size(0), "b.size(1) vs weight.size(0) (out_features)");
+  check_expand_linear_args(x, weight, bias, t, b);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "msplora: bias must have shape (",
-                weight.size(0), ",), got ", bias->sizes());
-    check_same(*bias, x, "bias", "x");
     y = at::addmm(*bias, x, weight.t());
   } else {
     y = at::mm(x, weight.t());
@@ -91,14 +74,7 @@ at::Tensor expand_linear_cuda(const at::Tensor& x, const at::Tensor& weight, con
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_t_b_cuda(const at::Tensor& dy, const at::Tensor& t, const at::Tensor& b) {
-  check_matrix(dy, "dy");
-  check_matrix(t, "t");
-  check_matrix(b, "b");
-  check_same(t, dy, "t", "dy");
-  check_same(b, dy, "b", "dy");
-  check_dim(t.size(0), dy.size(0), "t.size(0) vs dy.size(0) (rows)");
-  check_dim(b.size(0), t.size(1), "b.size(0) vs t.size(1) (total rank)");
-  check_dim(b.size(1), dy.size(1), "b.size(1) vs dy.size(1) (out_features)");
+  check_grad_t_b_args(dy, t, b);
   const c10::cuda::CUDAGuard guard(dy.device());
   const at::Tensor dyc = dy.contiguous(), tc = t.contiguous(), bc = b.contiguous();
   const int64_t M = dy.size(0), N = dy.size(1), R = b.size(0);
@@ -114,18 +90,7 @@ std::tuple<at::Tensor, at::Tensor> grad_t_b_cuda(const at::Tensor& dy, const at:
 
 at::Tensor grad_x_cuda(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dt, const at::Tensor& a,
                        double p, const at::Tensor& seed) {
-  check_matrix(dy, "dy");
-  check_matrix(weight, "weight");
-  check_matrix(dt, "dt");
-  check_matrix(a, "a");
-  check_same(weight, dy, "weight", "dy");
-  check_same(dt, dy, "dt", "dy");
-  check_same(a, dy, "a", "dy");
-  check_dim(weight.size(0), dy.size(1), "weight.size(0) vs dy.size(1) (out_features)");
-  check_dim(dt.size(0), dy.size(0), "dt.size(0) vs dy.size(0) (rows)");
-  check_dim(a.size(0), weight.size(1), "a.size(0) vs weight.size(1) (in_features)");
-  check_dim(a.size(1), dt.size(1), "a.size(1) vs dt.size(1) (total rank)");
-  check_dropout(p, seed);
+  check_grad_x_args(dy, weight, dt, a, p, seed);
   const c10::cuda::CUDAGuard guard(dy.device());
   at::Tensor dx = at::mm(dy, weight);
   if (p == 0.0) {
@@ -141,11 +106,7 @@ at::Tensor grad_x_cuda(const at::Tensor& dy, const at::Tensor& weight, const at:
 }
 
 at::Tensor grad_a_cuda(const at::Tensor& x, const at::Tensor& dt, double p, const at::Tensor& seed) {
-  check_matrix(x, "x");
-  check_matrix(dt, "dt");
-  check_same(dt, x, "dt", "x");
-  check_dim(dt.size(0), x.size(0), "dt.size(0) vs x.size(0) (rows)");
-  check_dropout(p, seed);
+  check_grad_a_args(x, dt, p, seed);
   const c10::cuda::CUDAGuard guard(x.device());
   if (p == 0.0) return at::mm(x.t(), dt);
   const at::Tensor xc = x.contiguous(), dtc = dt.contiguous();
