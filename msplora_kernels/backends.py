@@ -15,7 +15,8 @@ from . import _native
 ALL_BACKENDS = ("torch", "cpp", "cuda", "triton")
 ENV_VAR = "MSPLORA_BACKEND"
 # Dtypes a backend computes in; backends not listed take every float dtype.
-BACKEND_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32)}
+_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BACKEND_DTYPES = {"triton": _GPU_DTYPES, "cuda": _GPU_DTYPES}
 
 
 def supports_dtype(name: str, dtype) -> bool:

@@ -103,7 +103,7 @@ def check_backend_against_reference(backend, problem, *, dropout_p=0.0, training
     x = problem[0]
     dtype = x.dtype
     out_f = problem[1].shape[0]
-    grad_out = torch.randn(*x.shape[:-1], out_f, dtype=torch.float64)
+    grad_out = torch.randn(*x.shape[:-1], out_f, dtype=torch.float64, device=x.device)
     mask = None
     if training and dropout_p > 0:
         mask = backend_mask(backend, x, dropout_p, rng_seed)

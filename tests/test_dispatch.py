@@ -38,3 +38,23 @@ def test_unavailable_backend_lists_available(monkeypatch):
         mk.msplora_linear(x, w, b, As, Bs, s)
     with pytest.raises(ValueError, match="unknown backend"):
         mk.msplora_linear(x, w, b, As, Bs, s, backend="cudnn")
+
+
+def test_triton_backend_imports_wherever_triton_is_installed():
+    # A broken kernel module would otherwise only make the triton tests skip.
+    import importlib.util
+
+    from msplora_kernels.backends import _triton_import_error
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    assert _triton_import_error() is None
+
+
+def test_cpu_triton_listed_under_the_interpreter(monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert mk.available_backends("cpu")[-1] == "triton"

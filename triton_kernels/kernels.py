@@ -2,7 +2,8 @@
 
 A is the levels' A factors side by side, scales folded in (K x R); B their B factors
 stacked (R x N). R = sum of the ranks is padded to BLOCK_R inside the kernels only.
-Offsets are int64, accumulation fp32. Dropout is Philox (tl.rand) on (seed, row*K + col),
+Offsets are int64, accumulation fp32. fp32 inputs multiply in IEEE fp32 unless torch allows
+TF32 (torch.backends.cuda.matmul.allow_tf32), so results agree with torch's own matmul. Dropout is Philox (tl.rand) on (seed, row*K + col),
 so the backward regenerates the mask and none is stored.
 """
 import triton
@@ -34,6 +35,7 @@ def shrink_kernel(
     stride_xm, stride_xk, stride_ak, stride_ar, stride_tm, stride_tr,
     p, keep_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """K1: T = dropout(x) @ A."""
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -49,7 +51,7 @@ def shrink_kernel(
             x = tl.where(_keep(seed, rm, rk, K, p), x * keep_scale, 0.0).to(x.dtype)
         a = tl.load(a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
                     mask=(rk[:, None] < K) & (rr[None, :] < R), other=0.0)
-        acc += tl.dot(x, a)
+        acc += tl.dot(x, a, input_precision=DOT_PRECISION)
     tl.store(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr, acc.to(t_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rr[None, :] < R))
 
@@ -61,6 +63,7 @@ def expand_linear_kernel(
     stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """K2: y = x @ W^T + T @ B + bias, the LoRA expand in the base GEMM's fp32 accumulator."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -73,14 +76,14 @@ def expand_linear_kernel(
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
         w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
                     mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        acc += tl.dot(x, w)
+        acc += tl.dot(x, w, input_precision=DOT_PRECISION)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         t = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,
                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
         b = tl.load(b_ptr + rr[:, None] * stride_bn_r + rn[None, :] * stride_bn_n,
                     mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
-        acc += tl.dot(t, b)
+        acc += tl.dot(t, b, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -92,6 +95,7 @@ def grad_t_b_kernel(
     dy_ptr, t_ptr, b_ptr, dt_ptr, db_ptr, M, N, R,
     stride_dym, stride_dyn, stride_tm, stride_tr, stride_br, stride_bn, stride_dtm, stride_dtr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """K3: one pass over dy gives dT = dy @ B^T and dB = T^T @ dy (dB accumulated in fp32)."""
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -106,8 +110,8 @@ def grad_t_b_kernel(
                      mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
         b = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
                     mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
-        acc_dt += tl.dot(dy, tl.trans(b))
-        db = tl.dot(t_trans, dy)
+        acc_dt += tl.dot(dy, tl.trans(b), input_precision=DOT_PRECISION)
+        db = tl.dot(t_trans, dy, input_precision=DOT_PRECISION)
         tl.atomic_add(db_ptr + rr[:, None] * N + rn[None, :], db, mask=(rr[:, None] < R) & (rn[None, :] < N))
     tl.store(dt_ptr + rm[:, None] * stride_dtm + rr[None, :] * stride_dtr, acc_dt.to(dt_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rr[None, :] < R))
@@ -120,6 +124,7 @@ def grad_x_kernel(
     stride_dxm, stride_dxk, p, keep_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """K4: dx = dy @ W + mask * (dT @ A^T); the LoRA term goes first so the mask applies to it alone."""
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
@@ -132,7 +137,7 @@ def grad_x_kernel(
                      mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
         a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
                     mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
-        acc += tl.dot(dt, a)
+        acc += tl.dot(dt, a, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         acc = tl.where(_keep(tl.load(seed_ptr), rm, rk, K, p), acc * keep_scale, 0.0)
     for n0 in range(0, N, BLOCK_N):
@@ -141,7 +146,7 @@ def grad_x_kernel(
                      mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
                     mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
-        acc += tl.dot(dy, w)
+        acc += tl.dot(dy, w, input_precision=DOT_PRECISION)
     tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rk[None, :] < K))
 
@@ -151,6 +156,7 @@ def grad_a_kernel(
     x_ptr, dt_ptr, da_ptr, seed_ptr, M, K, R, rows_per_split,
     stride_xm, stride_xk, stride_dtm, stride_dtr, p, keep_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dA = dropout(x)^T @ dT, split over rows; splits meet by fp32 atomics."""
     rk = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -168,7 +174,7 @@ def grad_a_kernel(
             x = tl.where(_keep(seed, rm, rk, K, p), x * keep_scale, 0.0).to(x.dtype)
         dt = tl.load(dt_ptr + rm[:, None] * stride_dtm + rr[None, :] * stride_dtr,
                      mask=(rm[:, None] < m_end) & (rr[None, :] < R), other=0.0)
-        acc += tl.dot(tl.trans(x), dt)
+        acc += tl.dot(tl.trans(x), dt, input_precision=DOT_PRECISION)
     tl.atomic_add(da_ptr + rk[:, None] * R + rr[None, :], acc, mask=(rk[:, None] < K) & (rr[None, :] < R))
 
 

@@ -33,6 +33,17 @@ def _keep_scale(p: float) -> float:
     return 1.0 / (1.0 - p)
 
 
+def _dot_precision() -> str:
+    # Follow torch: fp32 matmuls use TF32 only where the user allowed it.
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _seed_arg(p: float, seed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # Without dropout the kernel never reads the seed, but Triton's launcher still
+    # rejects the null pointer of an empty tensor; any valid pointer will do.
+    return seed if p > 0 else like
+
+
 @triton_op("msplora_triton::shrink", mutates_args={})
 def shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     _check("shrink", x, a)
@@ -45,8 +56,8 @@ def shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> to
     block_r = rank_block(R)
     grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
     wrap_triton(kernels.shrink_kernel)[grid](
-        x, a, t, seed, M, K, R, *x.stride(), *a.stride(), *t.stride(), p, _keep_scale(p),
-        HAS_DROPOUT=p > 0, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
+        x, a, t, _seed_arg(p, seed, x), M, K, R, *x.stride(), *a.stride(), *t.stride(), p, _keep_scale(p),
+        HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
     )
     return t
 
@@ -64,7 +75,7 @@ def expand_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     wrap_triton(_expand_linear)[grid](
         x, weight, bias if bias is not None else x, t, b, y, M, N, K, R,
         *x.stride(), *weight.stride(), *t.stride(), *b.stride(), *y.stride(),
-        HAS_BIAS=bias is not None, BLOCK_R=rank_block(R),
+        HAS_BIAS=bias is not None, BLOCK_R=rank_block(R), DOT_PRECISION=_dot_precision(),
     )
     return y
 
@@ -83,6 +94,7 @@ def grad_t_b(dy: torch.Tensor, t: torch.Tensor, b: torch.Tensor) -> tuple[torch.
         wrap_triton(kernels.grad_t_b_kernel)[grid](
             dy, t, b, dt, db32, M, N, R, *dy.stride(), *t.stride(), *b.stride(), *dt.stride(),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
+            DOT_PRECISION=_dot_precision(),
         )
     return dt, db32.to(dy.dtype)
 
@@ -99,9 +111,9 @@ def grad_x(dy: torch.Tensor, weight: torch.Tensor, dt: torch.Tensor, a: torch.Te
     # The output tile is (BLOCK_M, BLOCK_K); the autotuned BLOCK_N is the reduction step.
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     wrap_triton(_grad_x)[grid](
-        dy, weight, dt, a, dx, seed, M, N, K, R,
+        dy, weight, dt, a, dx, _seed_arg(p, seed, dy), M, N, K, R,
         *dy.stride(), *weight.stride(), *dt.stride(), *a.stride(), *dx.stride(), p, _keep_scale(p),
-        HAS_DROPOUT=p > 0, BLOCK_R=rank_block(R),
+        HAS_DROPOUT=p > 0, BLOCK_R=rank_block(R), DOT_PRECISION=_dot_precision(),
     )
     return dx
 
@@ -121,8 +133,9 @@ def grad_a(x: torch.Tensor, dt: torch.Tensor, p: float, seed: torch.Tensor) -> t
         rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
         grid = (triton.cdiv(K, block_k), triton.cdiv(M, rows_per_split), triton.cdiv(R, block_r))
         wrap_triton(kernels.grad_a_kernel)[grid](
-            x, dt, da32, seed, M, K, R, rows_per_split, *x.stride(), *dt.stride(), p, _keep_scale(p),
+            x, dt, da32, _seed_arg(p, seed, x), M, K, R, rows_per_split, *x.stride(), *dt.stride(), p, _keep_scale(p),
             HAS_DROPOUT=p > 0, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
+            DOT_PRECISION=_dot_precision(),
         )
     return da32.to(x.dtype)
 
