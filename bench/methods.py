@@ -107,6 +107,3 @@ def method_runs(methods, device) -> list[tuple[str, str | None]]:
 
 def trainable_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-__all__ = ["CASES", "DEFAULT_CASES", "METHODS", "Case", "build", "method_runs", "trainable_count"]

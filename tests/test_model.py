@@ -186,3 +186,21 @@ def test_unload_restores_the_base_model():
     assert [n for n, _ in model.named_parameters()] == names
     ids = tokens()
     torch.testing.assert_close(model(ids).logits, base(ids).logits)
+
+
+def test_encoder_and_decoder_stacks_keep_their_own_shared_levels():
+    from transformers import T5Config, T5Model
+
+    torch.manual_seed(0)
+    cfg = T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=3, num_heads=4, vocab_size=100)
+    model = mk.apply_msplora(T5Model(cfg), mk.MSPLoraConfig(target_modules=["q", "v"]))
+    targets = sorted(model.msplora_factors.targets.keys())
+    assert targets == ["decoder_block__q", "decoder_block__v", "encoder_block__q", "encoder_block__v"]
+    enc_q = model.encoder.block[0].layer[0].SelfAttention.q
+    dec_q = model.decoder.block[0].layer[0].SelfAttention.q
+    assert enc_q.levels[0] is not dec_q.levels[0]
+    # Within the decoder, self- and cross-attention q share by name, as the target rule says.
+    assert model.decoder.block[2].layer[1].EncDecAttention.q.levels[0] is dec_q.levels[0]
+    ids = torch.randint(0, 100, (2, 7))
+    out = model(input_ids=ids, decoder_input_ids=ids).last_hidden_state
+    assert out.shape == (2, 7, 32) and torch.isfinite(out).all()
