@@ -18,9 +18,22 @@ namespace {
 // (measured at d=768: chunks of 1024 beat both 512 and one whole-matrix pass).
 constexpr int64_t kRowChunk = 1024;
 
+// The keep flags (1 kept, 0 dropped) of elements first..first+n-1. Branch-free so it vectorizes;
+// GCC clones it for AVX-512 and AVX2 and picks one at load time, so a portable build still runs
+// the hash at vector speed (a 4096 x 768 mask: 7.7 ms scalar, 1.2 ms with AVX-512, 2 threads).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+void keep_flags(float* out, int64_t n, uint64_t seed, uint64_t first, float p) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = uniform01(seed, first + static_cast<uint64_t>(i)) >= p ? 1.0f : 0.0f;
+  }
+}
+
 // out = src * mask (out may alias src). src and out are contiguous (rows, cols);
 // element i of src is element index_offset + i of the logical input.
 void apply_dropout_cpu(const at::Tensor& src, at::Tensor& out, double p, int64_t seed, int64_t index_offset = 0) {
+  constexpr int64_t kBlock = 2048;
   const int64_t n = src.numel();
   const float pf = static_cast<float>(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "msplora_dropout", [&] {
@@ -30,9 +43,13 @@ void apply_dropout_cpu(const at::Tensor& src, at::Tensor& out, double p, int64_t
     const scalar_t* in = src.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const bool keep = uniform01(static_cast<uint64_t>(seed), static_cast<uint64_t>(index_offset + i)) >= pf;
-        o[i] = static_cast<scalar_t>(keep ? static_cast<acc_t>(in[i]) * keep_scale : acc_t(0));
+      float keep[kBlock];
+      for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+        const int64_t len = std::min(kBlock, end - b0);
+        keep_flags(keep, len, static_cast<uint64_t>(seed), static_cast<uint64_t>(index_offset + b0), pf);
+        for (int64_t j = 0; j < len; ++j) {
+          o[b0 + j] = static_cast<scalar_t>(static_cast<acc_t>(in[b0 + j]) * (static_cast<acc_t>(keep[j]) * keep_scale));
+        }
       }
     });
   });
