@@ -35,8 +35,9 @@ def metadata(device, dtype) -> dict:
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True).stdout.strip())
+        # Uncommitted code changes; the results being written are not a change to the code.
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                     ":!bench/results"], cwd=root, capture_output=True, text=True).stdout.strip())
     except OSError:
         commit, dirty = None, None
     return {
