@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -40,6 +41,8 @@ def metadata(device, dtype) -> dict:
                                      ":!bench/results"], cwd=root, capture_output=True, text=True).stdout.strip())
     except OSError:
         commit, dirty = None, None
+    # A copy of the tree without .git (a remote GPU machine) passes its commit in the environment.
+    commit = commit or os.environ.get("MSPLORA_GIT_COMMIT")
     return {
         "device": str(device),
         "device_name": device_name(device),
