@@ -120,6 +120,9 @@ def main(argv=None):
 
             save_file({k: state[k].contiguous() for k in adapter_names}, args.out)
     if distributed:
+        # Let every rank finish (rank 0 writes files) before tearing gloo down; an unsynchronized
+        # teardown can abort a rank with "terminate called without an active exception".
+        dist.barrier()
         dist.destroy_process_group()
 
 
