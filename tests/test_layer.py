@@ -75,7 +75,11 @@ def _trained_layer(dtype=torch.float32):
 
 
 def test_delta_weight_matches_dense_update():
+    from msplora_kernels.reference import delta_weight_reference
+
     layer = _trained_layer(torch.float64)
+    ref = delta_weight_reference([l.A for l in layer.levels], [l.B for l in layer.levels], layer.scales)
+    torch.testing.assert_close(layer.delta_weight(), ref.detach())
     x = torch.randn(9, 32, dtype=torch.float64)
     dense = nn.functional.linear(x, layer.weight + layer.delta_weight(), layer.bias)
     torch.testing.assert_close(layer(x), dense)
