@@ -22,6 +22,12 @@ FACTORS_ATTR = "msplora_factors"
 _LAYER_INDEX = re.compile(r"(?:^|\.)(layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
 
 
+def layer_position(path: str) -> tuple[str, int] | None:
+    """(stack path, layer index) of a module path's first '...layers.<i>...' component, if any."""
+    m = _LAYER_INDEX.search(path)
+    return None if m is None else (path[: m.start(2) - 1], int(m.group(2)))
+
+
 class MSPLoraFactors(nn.Module):
     """The root container of shared levels: factors[target][f"level{l}"][f"group{g}"]."""
 
@@ -67,12 +73,12 @@ def _sites(model: nn.Module, config: MSPLoraConfig) -> list[_Site]:
                          f"linear layers include {linears}")
     sites = []
     for path, linear in found:
-        m = _LAYER_INDEX.search(path)
-        if m is None:
+        position = layer_position(path)
+        if position is None:
             raise ValueError(f"apply_msplora: {path!r} is not inside a stack of layers (no '.layers.<i>.' or "
                              f"'.layer.<i>.' in its path), so it has no place in the pyramid; narrow target_modules")
-        stack = path[: m.start(2) - 1]
-        site = _Site(path, linear, path.rsplit(".", 1)[-1], int(m.group(2)), len(model.get_submodule(stack)))
+        stack, index = position
+        site = _Site(path, linear, path.rsplit(".", 1)[-1], index, len(model.get_submodule(stack)))
         sites.append((stack, site))
     if len({stack for stack, _ in sites}) > 1:
         # Several stacks (an encoder and a decoder): each keeps its own shared levels.

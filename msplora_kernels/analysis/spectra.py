@@ -12,9 +12,18 @@ from typing import Optional
 
 import torch
 
-_SHARED = re.compile(r"^msplora_factors\.targets\.(?P<target>[^.]+)\.level(?P<level>\d+)\.group(?P<group>\d+)\.(?P<ab>[AB])$")
+from ..adapter_io import WEIGHTS_NAME, adapter_state_dict
+from ..config import CONFIG_NAME
+from ..model import FACTORS_ATTR, layer_position
+
+# Adapter tensor names: shared levels in the root container, and layers' own levels.
+_SHARED = re.compile(rf"^{FACTORS_ATTR}\.targets\.(?P<target>[^.]+)\.level(?P<level>\d+)\.group(?P<group>\d+)\.(?P<ab>[AB])$")
 _OWN = re.compile(r"^(?P<path>.+)\.own_levels\.(?P<level>\d+)\.(?P<ab>[AB])$")
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
+
+
+def _layer_index(path: str) -> Optional[int]:
+    position = layer_position(path)
+    return None if position is None else position[1]
 
 
 def factor_singular_values(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -72,9 +81,8 @@ def _pairs_from_tensors(tensors: dict, ranks, alphas) -> list[FactorPair]:
             if not m:
                 continue  # modules_to_save and anything else that is not a factor
             base = key[:-2]
-            layer = _LAYER.search(m["path"])
             entry = found.setdefault(base, {"target": m["path"].rsplit(".", 1)[-1], "level": int(m["level"]),
-                                            "group": None, "layer": int(layer.group(1)) if layer else None})
+                                            "group": None, "layer": _layer_index(m["path"])})
         entry[m["ab"]] = t
     pairs = []
     for base, e in sorted(found.items()):
@@ -87,8 +95,6 @@ def _pairs_from_tensors(tensors: dict, ranks, alphas) -> list[FactorPair]:
 
 
 def pairs_from_model(model) -> list[FactorPair]:
-    from ..adapter_io import adapter_state_dict
-
     config = model.msplora_config
     return _pairs_from_tensors(adapter_state_dict(model), config.ranks, config.alphas)
 
@@ -96,7 +102,6 @@ def pairs_from_model(model) -> list[FactorPair]:
 def pairs_from_dir(directory) -> tuple[list[FactorPair], "object"]:
     from safetensors.torch import load_file
 
-    from ..adapter_io import WEIGHTS_NAME
     from ..config import MSPLoraConfig
 
     config = MSPLoraConfig.from_pretrained(directory)
@@ -111,19 +116,19 @@ def lora_layer_spectra(directory) -> dict[str, dict[int, torch.Tensor]]:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    cfg = json.loads((directory / "adapter_config.json").read_text())
+    cfg = json.loads((directory / CONFIG_NAME).read_text())
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"analysis: {directory} is not a PEFT LoRA adapter (peft_type={cfg.get('peft_type')!r})")
     scale = cfg.get("lora_alpha", 1) / cfg.get("r", 1)
-    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    tensors = load_file(str(directory / WEIGHTS_NAME))
     out: dict[str, dict[int, torch.Tensor]] = {}
     for key, a in tensors.items():
         if not key.endswith(".lora_A.weight"):
             continue
         path = key[: -len(".lora_A.weight")]
         b = tensors[path + ".lora_B.weight"]
-        layer = _LAYER.search(path)
+        layer = _layer_index(path)
         if layer is None:
             continue
-        out.setdefault(path.rsplit(".", 1)[-1], {})[int(layer.group(1))] = factor_singular_values(a.T, b.T, scale)
+        out.setdefault(path.rsplit(".", 1)[-1], {})[layer] = factor_singular_values(a.T, b.T, scale)
     return out
