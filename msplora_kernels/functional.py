@@ -9,7 +9,7 @@ import torch
 from .autograd import FusedMSPLoRAFunction
 from .backends import resolve_backend
 from .reference import msplora_linear_reference, torch_dropout_mask
-from .validation import check_inputs
+from .validation import check_inputs, check_same_dtype
 
 _SEED_HIGH = 2**31 - 1
 
@@ -60,7 +60,7 @@ def msplora_linear(
     check_inputs(x, weight, bias, As, Bs, scales, dropout_p, same_dtype=amp_dtype is None)
     if amp_dtype is not None:
         x, weight, bias = _cast(x, amp_dtype), _cast(weight, amp_dtype), _cast(bias, amp_dtype)
-        check_inputs(x, weight, bias, As, Bs, scales, dropout_p)
+        check_same_dtype(x, weight, bias)  # fp64 is left uncast, as autocast leaves it
     As = [a if a.dtype == x.dtype else a.to(x.dtype) for a in As]
     Bs = [b if b.dtype == x.dtype else b.to(x.dtype) for b in Bs]
     name = resolve_backend(backend, x.device, x.dtype)

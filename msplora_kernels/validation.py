@@ -88,8 +88,14 @@ def check_inputs(x, weight, bias, As, Bs, scales, dropout_p, same_dtype: bool = 
             raise ValueError(
                 f"msplora_linear: {name} is on {t.device} but x is on {x.device}; move them to one device"
             )
-    for name, t in tensors[: 2 if bias is not None else 1] if same_dtype else ():
-        if t.dtype != x.dtype:
+    if same_dtype:
+        check_same_dtype(x, weight, bias)
+
+
+def check_same_dtype(x, weight, bias) -> None:
+    """x, weight and bias share one dtype, as nn.Linear requires."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
             # nn.Linear's own message, with the argument named.
             raise DtypeMismatchError(
                 f"expected m1 and m2 to have the same dtype, but got: {x.dtype} != {t.dtype} "
