@@ -8,16 +8,16 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from msplora_kernels.backends import BACKEND_DTYPES
+
 from . import kernels
 from .configs import gemm_configs, rank_block, skinny_tiles
 
-SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED = BACKEND_DTYPES["triton"]
 
 _expand_linear = triton.autotune(gemm_configs(), key=["M", "N", "K", "R"])(kernels.expand_linear_kernel)
-_grad_x = triton.autotune(gemm_configs(), key=["M", "N", "K", "R"])(
-    # autotune names its tile keys BLOCK_N for the loop and BLOCK_K for the output tile here.
-    kernels.grad_x_kernel
-)
+# In grad_x the output tile is (BLOCK_M, BLOCK_K) and BLOCK_N is the reduction step.
+_grad_x = triton.autotune(gemm_configs(), key=["M", "N", "K", "R"])(kernels.grad_x_kernel)
 
 
 def _check(name, *tensors):
