@@ -63,7 +63,6 @@ def _runs(methods, device):
 
 
 def records(args) -> list[dict]:
-    import report
     import timing
     from throughput import measure
 
@@ -99,10 +98,7 @@ def records(args) -> list[dict]:
             "out_features": shape["hidden_size"], "layers": shape["num_hidden_layers"],
             "ranks": list(shape["ranks"]) if method == "msplora" else ([shape["ranks"][0]] if method == "peft_lora" else []),
             "trainable_params": sum(p.numel() for p in params),
-            "fwd_ms": f["median"], "fwd_q20_ms": f["q20"], "fwd_q80_ms": f["q80"],
-            "fwd_bwd_ms": s["median"], "fwd_bwd_q20_ms": s["q20"], "fwd_bwd_q80_ms": s["q80"], "repeats": s["n"],
-            "peak_mem_mb": timing.peak_memory_mb(step, args.device), "tokens_per_s": tokens / (s["median"] / 1e3),
+            **timing.record_fields(f, s, tokens), "peak_mem_mb": timing.peak_memory_mb(step, args.device),
         })
         del model, opt
-    report.add_ratios(out)
     return out

@@ -85,10 +85,7 @@ def layer_record(case, method, backend, args) -> dict:
         "in_features": case.in_features, "out_features": case.out_features,
         "ranks": list(case.ranks) if method.startswith("msplora") else ([case.lora_rank] if method == "peft_lora" else []),
         "trainable_params": methods.trainable_count(layer),
-        "fwd_ms": f["median"], "fwd_q20_ms": f["q20"], "fwd_q80_ms": f["q80"],
-        "fwd_bwd_ms": fb["median"], "fwd_bwd_q20_ms": fb["q20"], "fwd_bwd_q80_ms": fb["q80"],
-        "repeats": fb["n"], "peak_mem_mb": timing.peak_memory_mb(fwd_bwd, args.device),
-        "tokens_per_s": tokens / (fb["median"] / 1e3),
+        **timing.record_fields(f, fb, tokens), "peak_mem_mb": timing.peak_memory_mb(fwd_bwd, args.device),
     }
 
 

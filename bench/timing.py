@@ -44,3 +44,12 @@ def peak_memory_mb(fn, device) -> float | None:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def record_fields(fwd: dict, fwd_bwd: dict, tokens: int) -> dict:
+    """A record's timing fields from the summaries of the forward and of forward+backward (or a step)."""
+    return {
+        "fwd_ms": fwd["median"], "fwd_q20_ms": fwd["q20"], "fwd_q80_ms": fwd["q80"],
+        "fwd_bwd_ms": fwd_bwd["median"], "fwd_bwd_q20_ms": fwd_bwd["q20"], "fwd_bwd_q80_ms": fwd_bwd["q80"],
+        "repeats": fwd_bwd["n"], "tokens_per_s": tokens / (fwd_bwd["median"] / 1e3),
+    }
