@@ -64,6 +64,7 @@ def _runs(methods, device):
 
 def records(args) -> list[dict]:
     import timing
+    from methods import PAPER_DROPOUT
     from throughput import measure
 
     shape = dict(SHAPES[args.device])
@@ -72,9 +73,10 @@ def records(args) -> list[dict]:
     base = _base(shape, args.device, args.dtype)
     targets = TARGETS[args.targets]
     tokens = shape["batch"] * shape["seq"]
+    dropout = PAPER_DROPOUT if args.dropout is None else args.dropout
     out = []
     for method, backend in tqdm(_runs(args.methods, args.device), desc="model step", unit="run", file=sys.stderr):
-        model = _variant(base, method, backend, shape, targets, args.dropout).train()
+        model = _variant(base, method, backend, shape, targets, dropout).train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4) if params else None
         pool = [torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=args.device) for _ in range(3)]
@@ -94,7 +96,8 @@ def records(args) -> list[dict]:
         f, s = measure(forward, args), measure(step, args)
         out.append({
             "case": f"{shape['name']}-{args.targets}", "method": method, "backend": backend, "device": args.device,
-            "dtype": str(args.dtype).replace("torch.", ""), "tokens": tokens, "in_features": shape["hidden_size"],
+            "dtype": str(args.dtype).replace("torch.", ""), "tokens": tokens, "dropout": dropout,
+            "in_features": shape["hidden_size"],
             "out_features": shape["hidden_size"], "layers": shape["num_hidden_layers"],
             "ranks": list(shape["ranks"]) if method == "msplora" else ([shape["ranks"][0]] if method == "peft_lora" else []),
             "trainable_params": sum(p.numel() for p in params),

@@ -60,16 +60,20 @@ def metadata(device, dtype) -> dict:
 
 def add_ratios(records: list[dict]) -> None:
     """Each record's fwd+bwd time relative to the floor (`linear`, or `no_adapter` for a model step;
-    stored as vs_linear) and to `peft_lora` of the same case."""
+    stored as vs_linear), to `peft_lora` and to `msplora_naive` of the same case."""
     ref = {}
     for r in records:
-        if r["method"] in ("linear", "peft_lora", "no_adapter"):
+        if r["method"] in ("linear", "peft_lora", "msplora_naive", "no_adapter"):
             ref[(r["case"], r["method"])] = r["fwd_bwd_ms"]
+
+    def ratio(r, *methods):
+        base = next((ref[(r["case"], m)] for m in methods if (r["case"], m) in ref), None)
+        return r["fwd_bwd_ms"] / base if base else None
+
     for r in records:
-        floor = ref.get((r["case"], "linear")) or ref.get((r["case"], "no_adapter"))
-        peft = ref.get((r["case"], "peft_lora"))
-        r["vs_linear"] = r["fwd_bwd_ms"] / floor if floor else None
-        r["vs_peft_lora"] = r["fwd_bwd_ms"] / peft if peft else None
+        r["vs_linear"] = ratio(r, "linear", "no_adapter")
+        r["vs_peft_lora"] = ratio(r, "peft_lora")
+        r["vs_naive"] = ratio(r, "msplora_naive")
 
 
 def label(r: dict) -> str:
@@ -92,9 +96,12 @@ def table(records: list[dict]) -> str:
         ("q20-q80", lambda r: f"{r['fwd_bwd_q20_ms']:.2f}-{r['fwd_bwd_q80_ms']:.2f}"),
         (floor, lambda r: _fmt(r["vs_linear"], ".3f")),
         ("x peft_lora", lambda r: _fmt(r["vs_peft_lora"], ".3f")),
+        ("x naive", lambda r: _fmt(r["vs_naive"], ".3f")),
         ("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
         ("peak MB", lambda r: _fmt(r["peak_mem_mb"], ".1f")),
     ]
+    if all(r.get("vs_naive") is None for r in records):
+        cols = [c for c in cols if c[0] != "x naive"]
     rows = [[name for name, _ in cols]] + [[f(r) for _, f in cols] for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     lines = []

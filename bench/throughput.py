@@ -30,7 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--tokens", type=int, default=None, help="override the case's token count")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats on the CPU (default 15, quick 5)")
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=None,
+                   help=f"adapter dropout (default: the paper's {methods.PAPER_DROPOUT}; 0 turns it off)")
     p.add_argument("--quick", action="store_true", help="fewer tokens and repeats (under 3 minutes on a CPU)")
     p.add_argument("--cuda-graphs", action="store_true", help="on a GPU, time CUDA-graph replays")
     p.add_argument("--model", action="store_true", help="time a full training step of a LLaMA-style model instead")
@@ -62,7 +63,8 @@ def measure(fn, args) -> dict:
 
 def layer_record(case, method, backend, args) -> dict:
     tokens = tokens_for(case, args)
-    layer = methods.build(method, backend, case, args.device, args.dtype, args.dropout)
+    dropout = case.dropout if args.dropout is None else args.dropout
+    layer = methods.build(method, backend, case, args.device, args.dtype, dropout)
     # A small pool of fresh random inputs and output gradients, cycled through (never zeros).
     pool = [(torch.randn(tokens, case.in_features, device=args.device, dtype=args.dtype).requires_grad_(True),
              torch.randn(tokens, case.out_features, device=args.device, dtype=args.dtype)) for _ in range(3)]
@@ -81,7 +83,7 @@ def layer_record(case, method, backend, args) -> dict:
     fb = measure(fwd_bwd, args)
     return {
         "case": case.name, "method": method, "backend": backend, "device": args.device,
-        "dtype": str(args.dtype).replace("torch.", ""), "tokens": tokens,
+        "dtype": str(args.dtype).replace("torch.", ""), "tokens": tokens, "dropout": dropout,
         "in_features": case.in_features, "out_features": case.out_features,
         "ranks": list(case.ranks) if method.startswith("msplora") else ([case.lora_rank] if method == "peft_lora" else []),
         "trainable_params": methods.trainable_count(layer),
@@ -108,8 +110,9 @@ def main(argv=None) -> int:
         records = layer_records(args)
     report.add_ratios(records)
     meta = report.metadata(args.device, args.dtype)
+    dropouts = ", ".join(f"{p:g}" for p in sorted({r["dropout"] for r in records}))
     print(f"\n{meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, triton {meta['triton']}, "
-          f"commit {str(meta['git_commit'])[:10]}; median of repeats, ratios of fwd+bwd time")
+          f"commit {str(meta['git_commit'])[:10]}, dropout {dropouts}; median of repeats, ratios of fwd+bwd time")
     print(report.table(records))
     if args.json:
         report.write_json(args.json, meta, records)

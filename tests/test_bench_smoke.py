@@ -7,8 +7,8 @@ from pathlib import Path
 import msplora_kernels as mk
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = {"case", "method", "backend", "device", "dtype", "tokens", "in_features", "out_features", "ranks",
-          "fwd_ms", "fwd_bwd_ms", "peak_mem_mb", "tokens_per_s"}
+FIELDS = {"case", "method", "backend", "device", "dtype", "tokens", "dropout", "in_features", "out_features",
+          "ranks", "fwd_ms", "fwd_bwd_ms", "peak_mem_mb", "tokens_per_s"}
 
 
 def run_bench(tmp_path, *extra):
@@ -30,18 +30,19 @@ def test_layer_bench_tiny(tmp_path):
     for r in records:
         assert FIELDS <= r.keys()
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["tokens_per_s"] > 0
-        assert r["vs_linear"] > 0 and r["vs_peft_lora"] > 0
-    assert records[0]["vs_linear"] == 1.0
+        assert r["vs_linear"] > 0 and r["vs_peft_lora"] > 0 and r["vs_naive"] > 0
+        assert r["dropout"] == 0.05  # the paper's, unless --dropout says otherwise
+    assert records[0]["vs_linear"] == 1.0 and records[2]["vs_naive"] == 1.0
     assert {r["trainable_params"] for r in records if r["method"].startswith("msplora")} == {(64 + 48) * 14}
-    assert "msplora[cpp]" in stdout and "x linear" in stdout
+    assert "msplora[cpp]" in stdout and "x linear" in stdout and "x naive" in stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_model_step_quick(tmp_path):
-    stdout, data, png = run_bench(tmp_path, "--model", "--methods", "peft_lora", "msplora")
+    stdout, data, png = run_bench(tmp_path, "--model", "--methods", "peft_lora", "msplora", "--dropout", "0")
     records = data["records"]
     assert [r["method"] for r in records][:2] == ["no_adapter", "peft_lora"]
     assert {r["backend"] for r in records if r["method"] == "msplora"} >= {"cpp"}
     assert records[0]["trainable_params"] == 0 and all(r["trainable_params"] > 0 for r in records[1:])
-    assert all(r["fwd_bwd_ms"] > 0 and FIELDS <= r.keys() for r in records)
+    assert all(r["fwd_bwd_ms"] > 0 and FIELDS <= r.keys() and r["dropout"] == 0 for r in records)
     assert "x no_adapter" in stdout
