@@ -56,18 +56,14 @@ def tokens_for(case, args) -> int:
 
 
 def measure(fn, args) -> dict:
+    """One callable alone: do_bench on a GPU, a clock after warm-up on the CPU (the model step)."""
     if args.device == "cuda":
         return timing.time_cuda(fn, rep_ms=50 if args.quick else 200, cuda_graphs=args.cuda_graphs)
     return timing.time_cpu(fn, repeats=args.repeats)
 
 
-def layer_record(case, method, backend, args) -> dict:
-    tokens = tokens_for(case, args)
-    dropout = case.dropout if args.dropout is None else args.dropout
-    layer = methods.build(method, backend, case, args.device, args.dtype, dropout)
-    # A small pool of fresh random inputs and output gradients, cycled through (never zeros).
-    pool = [(torch.randn(tokens, case.in_features, device=args.device, dtype=args.dtype).requires_grad_(True),
-             torch.randn(tokens, case.out_features, device=args.device, dtype=args.dtype)) for _ in range(3)]
+def _calls(layer, pool):
+    """The forward and forward+backward of one layer, cycling through the shared input pool."""
     step = iter(range(10**12))
 
     def fwd():
@@ -79,23 +75,51 @@ def layer_record(case, method, backend, args) -> dict:
         x.grad = None
         layer(x).backward(dy)
 
-    f = measure(fwd, args)
-    fb = measure(fwd_bwd, args)
-    return {
-        "case": case.name, "method": method, "backend": backend, "device": args.device,
-        "dtype": str(args.dtype).replace("torch.", ""), "tokens": tokens, "dropout": dropout,
-        "in_features": case.in_features, "out_features": case.out_features,
-        "ranks": list(case.ranks) if method.startswith("msplora") else ([case.lora_rank] if method == "peft_lora" else []),
-        "trainable_params": methods.trainable_count(layer),
-        **timing.record_fields(f, fb, tokens), "peak_mem_mb": timing.peak_memory_mb(fwd_bwd, args.device),
-    }
+    return fwd, fwd_bwd
+
+
+def case_records(case, runs, args, progress) -> list[dict]:
+    """Every method of one case, on the same fresh random inputs and output gradients (never zeros)."""
+    tokens = tokens_for(case, args)
+    dropout = case.dropout if args.dropout is None else args.dropout
+    pool = [(torch.randn(tokens, case.in_features, device=args.device, dtype=args.dtype).requires_grad_(True),
+             torch.randn(tokens, case.out_features, device=args.device, dtype=args.dtype)) for _ in range(3)]
+    layers = {run: methods.build(*run, case, args.device, args.dtype, dropout) for run in runs}
+    calls = {run: _calls(layer, pool) for run, layer in layers.items()}
+    if args.device == "cuda":
+        timings = {}
+        for run, (fwd, fwd_bwd) in calls.items():
+            timings[run] = (measure(fwd, args), measure(fwd_bwd, args))
+            progress.update(1)
+    else:
+        # On the CPU the methods are timed in interleaved rounds (see timing.time_cpu_interleaved).
+        # The progress bar counts method runs; each round advances it by a fraction of the case.
+        tick = lambda: progress.update(len(runs) / (2 * args.repeats))  # noqa: E731
+        f = timing.time_cpu_interleaved({r: c[0] for r, c in calls.items()}, args.repeats, tick=tick)
+        fb = timing.time_cpu_interleaved({r: c[1] for r, c in calls.items()}, args.repeats, tick=tick)
+        timings = {run: (f[run], fb[run]) for run in runs}
+    records = []
+    for (method, backend), layer in layers.items():
+        f, fb = timings[(method, backend)]
+        records.append({
+            "case": case.name, "method": method, "backend": backend, "device": args.device,
+            "dtype": str(args.dtype).replace("torch.", ""), "tokens": tokens, "dropout": dropout,
+            "in_features": case.in_features, "out_features": case.out_features,
+            "ranks": list(case.ranks) if method.startswith("msplora") else ([case.lora_rank] if method == "peft_lora" else []),
+            "trainable_params": methods.trainable_count(layer),
+            **timing.record_fields(f, fb, tokens),
+            "peak_mem_mb": timing.peak_memory_mb(calls[(method, backend)][1], args.device),
+        })
+    return records
 
 
 def layer_records(args) -> list[dict]:
-    runs = [(methods.CASES[c], m, b) for c in args.cases for m, b in methods.method_runs(args.methods, args.device)]
+    runs = methods.method_runs(args.methods, args.device)
     records = []
-    for case, method, backend in tqdm(runs, desc="layers", unit="run", file=sys.stderr):
-        records.append(layer_record(case, method, backend, args))
+    with tqdm(total=len(args.cases) * len(runs), desc="layers", unit="run", file=sys.stderr,
+              bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}]") as progress:
+        for name in args.cases:
+            records += case_records(methods.CASES[name], runs, args, progress)
     return records
 
 

@@ -24,6 +24,25 @@ def time_cpu(fn, repeats: int, warmup: int = 2):
     return _summary(samples)
 
 
+def time_cpu_interleaved(fns: dict, repeats: int, warmup: int = 2, tick=None) -> dict:
+    """Times several callables in rounds, one call of each per round, starting each round at the
+    next one, so that drift in the machine's speed (other tenants, clocks) falls on all of them
+    alike instead of on whichever ran last. Returns a summary per key; tick() after each round."""
+    keys = list(fns)
+    for _ in range(warmup):
+        for k in keys:
+            fns[k]()
+    samples = {k: [] for k in keys}
+    for i in range(repeats):
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            samples[k].append((time.perf_counter() - t0) * 1e3)
+        if tick:
+            tick()
+    return {k: _summary(v) for k, v in samples.items()}
+
+
 def time_cuda(fn, rep_ms: int = 200, cuda_graphs: bool = False):
     import triton.testing
 
