@@ -9,7 +9,6 @@ import copy
 import sys
 
 import torch
-from tqdm import tqdm
 
 import msplora_kernels as mk
 
@@ -62,10 +61,29 @@ def _runs(methods, device):
     return runs
 
 
+def _calls(model, params, pool):
+    """A forward (the loss) and a full training step (forward, backward, AdamW) of one variant."""
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    step_no = iter(range(10**12))
+
+    def forward():
+        ids = pool[next(step_no) % len(pool)]
+        return model(input_ids=ids, labels=ids).loss
+
+    def step():
+        loss = forward()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return forward, step
+
+
 def records(args) -> list[dict]:
     import timing
     from methods import PAPER_DROPOUT
-    from throughput import measure
+    from throughput import progress_bar, time_all
 
     shape = dict(SHAPES[args.device])
     if args.quick:
@@ -74,26 +92,20 @@ def records(args) -> list[dict]:
     targets = TARGETS[args.targets]
     tokens = shape["batch"] * shape["seq"]
     dropout = PAPER_DROPOUT if args.dropout is None else args.dropout
-    out = []
-    for method, backend in tqdm(_runs(args.methods, args.device), desc="model step", unit="run", file=sys.stderr):
+    pool = [torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=args.device) for _ in range(3)]
+    runs = _runs(args.methods, args.device)
+    variants = {}
+    for method, backend in runs:
         model = _variant(base, method, backend, shape, targets, dropout).train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-        pool = [torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), device=args.device) for _ in range(3)]
-        step_no = iter(range(10**12))
+        variants[(method, backend)] = (params, *_calls(model, params, pool))
 
-        def forward():
-            ids = pool[next(step_no) % len(pool)]
-            return model(input_ids=ids, labels=ids).loss
+    with progress_bar(len(runs), "model step") as progress:
+        timings = time_all({r: v[1:] for r, v in variants.items()}, args, progress)
 
-        def step():
-            loss = forward()
-            loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-        f, s = measure(forward, args), measure(step, args)
+    out = []
+    for (method, backend), (params, _, step) in variants.items():
+        f, s = timings[(method, backend)]
         out.append({
             "case": f"{shape['name']}-{args.targets}", "method": method, "backend": backend, "device": args.device,
             "dtype": str(args.dtype).replace("torch.", ""), "tokens": tokens, "dropout": dropout,
@@ -103,5 +115,4 @@ def records(args) -> list[dict]:
             "trainable_params": sum(p.numel() for p in params),
             **timing.record_fields(f, s, tokens), "peak_mem_mb": timing.peak_memory_mb(step, args.device),
         })
-        del model, opt
     return out

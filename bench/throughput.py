@@ -55,11 +55,26 @@ def tokens_for(case, args) -> int:
     return case.quick_tokens if args.quick else case.cpu_tokens
 
 
-def measure(fn, args) -> dict:
-    """One callable alone: do_bench on a GPU, a clock after warm-up on the CPU (the model step)."""
+def time_all(calls: dict, args, progress) -> dict:
+    """{run: (forward summary, forward+backward summary)} for {run: (forward, forward+backward)}.
+    On a GPU each run is timed alone; on the CPU in interleaved rounds (timing.time_cpu_interleaved).
+    progress counts runs; on the CPU each round advances it by a fraction."""
     if args.device == "cuda":
-        return timing.time_cuda(fn, rep_ms=50 if args.quick else 200, cuda_graphs=args.cuda_graphs)
-    return timing.time_cpu(fn, repeats=args.repeats)
+        timings = {}
+        for run, fns in calls.items():
+            timings[run] = tuple(timing.time_cuda(fn, rep_ms=50 if args.quick else 200, cuda_graphs=args.cuda_graphs)
+                                 for fn in fns)
+            progress.update(1)
+        return timings
+    tick = lambda: progress.update(len(calls) / (2 * args.repeats))  # noqa: E731
+    f = timing.time_cpu_interleaved({r: c[0] for r, c in calls.items()}, args.repeats, tick=tick)
+    fb = timing.time_cpu_interleaved({r: c[1] for r, c in calls.items()}, args.repeats, tick=tick)
+    return {run: (f[run], fb[run]) for run in calls}
+
+
+def progress_bar(total: int, desc: str):
+    return tqdm(total=total, desc=desc, unit="run", file=sys.stderr,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}]")
 
 
 def _calls(layer, pool):
@@ -86,18 +101,7 @@ def case_records(case, runs, args, progress) -> list[dict]:
              torch.randn(tokens, case.out_features, device=args.device, dtype=args.dtype)) for _ in range(3)]
     layers = {run: methods.build(*run, case, args.device, args.dtype, dropout) for run in runs}
     calls = {run: _calls(layer, pool) for run, layer in layers.items()}
-    if args.device == "cuda":
-        timings = {}
-        for run, (fwd, fwd_bwd) in calls.items():
-            timings[run] = (measure(fwd, args), measure(fwd_bwd, args))
-            progress.update(1)
-    else:
-        # On the CPU the methods are timed in interleaved rounds (see timing.time_cpu_interleaved).
-        # The progress bar counts method runs; each round advances it by a fraction of the case.
-        tick = lambda: progress.update(len(runs) / (2 * args.repeats))  # noqa: E731
-        f = timing.time_cpu_interleaved({r: c[0] for r, c in calls.items()}, args.repeats, tick=tick)
-        fb = timing.time_cpu_interleaved({r: c[1] for r, c in calls.items()}, args.repeats, tick=tick)
-        timings = {run: (f[run], fb[run]) for run in runs}
+    timings = time_all(calls, args, progress)
     records = []
     for (method, backend), layer in layers.items():
         f, fb = timings[(method, backend)]
@@ -116,8 +120,7 @@ def case_records(case, runs, args, progress) -> list[dict]:
 def layer_records(args) -> list[dict]:
     runs = methods.method_runs(args.methods, args.device)
     records = []
-    with tqdm(total=len(args.cases) * len(runs), desc="layers", unit="run", file=sys.stderr,
-              bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}]") as progress:
+    with progress_bar(len(args.cases) * len(runs), "layers") as progress:
         for name in args.cases:
             records += case_records(methods.CASES[name], runs, args, progress)
     return records

@@ -1,4 +1,4 @@
-"""Timers: a wall clock after warm-up on the CPU; do_bench (or CUDA-graph replays) on a GPU."""
+"""Timers: a wall clock after warm-up, in interleaved rounds, on the CPU; do_bench (or CUDA-graph replays) on a GPU."""
 from __future__ import annotations
 
 import statistics
@@ -11,17 +11,6 @@ def _summary(samples_ms):
     s = sorted(samples_ms)
     q = statistics.quantiles(s, n=10, method="inclusive") if len(s) > 1 else [s[0]] * 9
     return {"median": statistics.median(s), "q20": q[1], "q80": q[7], "n": len(s)}
-
-
-def time_cpu(fn, repeats: int, warmup: int = 2):
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return _summary(samples)
 
 
 def time_cpu_interleaved(fns: dict, repeats: int, warmup: int = 2, tick=None) -> dict:
