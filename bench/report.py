@@ -76,6 +76,10 @@ def add_ratios(records: list[dict]) -> None:
         r["vs_naive"] = ratio(r, "msplora_naive")
 
 
+def dropouts(records: list[dict]) -> str:
+    return ", ".join(f"{p:g}" for p in sorted({r["dropout"] for r in records}))
+
+
 def label(r: dict) -> str:
     return r["method"] + (f"[{r['backend']}]" if r.get("backend") else "")
 
@@ -139,8 +143,10 @@ def plot(path, meta: dict, records: list[dict]) -> None:
         ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(cases)), cases)
-    ax.set_ylabel("forward+backward time / frozen nn.Linear")
-    ax.set_title(f"MSPLoRA layer cost, {meta['dtype']} on {meta['device_name']}", fontsize=10)
+    step = any(r["method"] == "no_adapter" for r in records)
+    ax.set_ylabel("training step time / no adapter" if step else "forward+backward time / frozen nn.Linear")
+    ax.set_title(f"MSPLoRA {'training-step' if step else 'layer'} cost, {meta['dtype']}, dropout {dropouts(records)}\n"
+                 f"on {meta['device_name']}", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_ylim(0, max(r["vs_linear"] or 0 for r in records) * 1.15)
     fig.tight_layout()

@@ -137,9 +137,8 @@ def main(argv=None) -> int:
         records = layer_records(args)
     report.add_ratios(records)
     meta = report.metadata(args.device, args.dtype)
-    dropouts = ", ".join(f"{p:g}" for p in sorted({r["dropout"] for r in records}))
     print(f"\n{meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, triton {meta['triton']}, "
-          f"commit {str(meta['git_commit'])[:10]}, dropout {dropouts}; median of repeats, ratios of fwd+bwd time")
+          f"commit {str(meta['git_commit'])[:10]}, dropout {report.dropouts(records)}; median of repeats, ratios of fwd+bwd time")
     print(report.table(records))
     if args.json:
         report.write_json(args.json, meta, records)
