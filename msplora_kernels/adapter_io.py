@@ -115,11 +115,11 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     return model
 
 
-def load_msplora(model: nn.Module, directory) -> nn.Module:
+def load_msplora(model: nn.Module, directory, *, autocast_adapter_dtype: bool = True) -> nn.Module:
     """Apply MSPLoRA from a saved adapter's config, then load its weights. On any error the
-    model is left as it was."""
+    model is left as it was. autocast_adapter_dtype as in apply_msplora."""
     config = MSPLoraConfig.from_pretrained(directory)
-    apply_msplora(model, config)
+    apply_msplora(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
     try:
         load_adapter(model, directory)
     except Exception:

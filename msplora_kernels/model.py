@@ -87,9 +87,19 @@ def _sites(model: nn.Module, config: MSPLoraConfig) -> list[_Site]:
     return [site for _, site in sites]
 
 
-def apply_msplora(model: nn.Module, config: MSPLoraConfig) -> nn.Module:
+def adapter_dtype_for(weight_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
+    """The factors' dtype on a base layer of `weight_dtype`: float32 on a float16/bfloat16 base
+    when autocast_adapter_dtype (as PEFT does), so that small optimizer updates are not rounded
+    away; the base's dtype otherwise. The kernels still run in the base's dtype."""
+    if autocast_adapter_dtype and weight_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return weight_dtype
+
+
+def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_dtype: bool = True) -> nn.Module:
     """Replace the targeted nn.Linear layers of `model` in place with MSPLoraLinear, freeze
-    everything else, and return the model. Works on models built on the meta device."""
+    everything else, and return the model. Works on models built on the meta device.
+    Factors on a float16/bfloat16 base are kept in float32 unless autocast_adapter_dtype=False."""
     if not isinstance(config, MSPLoraConfig):
         raise TypeError(f"apply_msplora: config must be an MSPLoraConfig, got {type(config).__name__}")
     if hasattr(model, FACTORS_ATTR) or any(isinstance(m, MSPLoraLinear) for m in model.modules()):
@@ -115,8 +125,10 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig) -> nn.Module:
     for site in sites:
         w = site.linear.weight
 
-        def make(rank, alpha, site=site, w=w):
-            return lambda: LoraLevel(site.linear.in_features, site.linear.out_features, rank, alpha, device=w.device, dtype=w.dtype)
+        dtype = adapter_dtype_for(w.dtype, autocast_adapter_dtype)
+
+        def make(rank, alpha, site=site, w=w, dtype=dtype):
+            return lambda: LoraLevel(site.linear.in_features, site.linear.out_features, rank, alpha, device=w.device, dtype=dtype)
 
         levels = [
             None if g is None else factors.get_or_create(site.target, level, group_of(site.layer, site.num_layers, g),
@@ -124,7 +136,7 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig) -> nn.Module:
             for level, g in enumerate(config.groups)
         ]
         layer = MSPLoraLinear.from_linear(site.linear, ranks=config.ranks, lora_alpha=config.alphas,
-                                          dropout=config.dropout, levels=levels, backend=config.backend)
+                                          dropout=config.dropout, levels=levels, backend=config.backend, dtype=dtype)
         parent_path, _, attr = site.path.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, layer)
         factors.layer_paths.append(site.path)

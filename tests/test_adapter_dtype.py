@@ -1,0 +1,81 @@
+"""Factors on a bfloat16 base are kept in float32 (PEFT's autocast_adapter_dtype), computed in bf16."""
+import copy
+
+import torch
+
+import msplora_kernels as mk
+from models import randomize_adapter, tiny_llama, tokens
+
+CONFIG = mk.MSPLoraConfig(target_modules=["q_proj", "v_proj"], ranks=(8, 4, 2))
+
+
+def bf16_llama(seed=0):
+    return tiny_llama(seed=seed).to(torch.bfloat16)
+
+
+def test_factors_are_float32_on_a_bf16_base_and_bf16_when_asked():
+    model = mk.apply_msplora(bf16_llama(), CONFIG)
+    adapter = mk.adapter_state_dict(model)
+    assert adapter and {t.dtype for t in adapter.values()} == {torch.float32}
+    assert {p.dtype for n, p in model.named_parameters() if not p.requires_grad} == {torch.bfloat16}
+    kept = mk.apply_msplora(bf16_llama(), CONFIG, autocast_adapter_dtype=False)
+    assert {t.dtype for t in mk.adapter_state_dict(kept).values()} == {torch.bfloat16}
+
+
+def test_float32_factors_compute_what_their_bf16_cast_computes():
+    torch.manual_seed(1)
+    fp32_adapter = mk.apply_msplora(bf16_llama(), CONFIG)
+    randomize_adapter(fp32_adapter)
+    bf16_adapter = mk.apply_msplora(bf16_llama(), CONFIG, autocast_adapter_dtype=False)
+    with torch.no_grad():
+        for name, p in mk.adapter_state_dict(bf16_adapter).items():
+            p.copy_(mk.adapter_state_dict(fp32_adapter)[name])
+    ids = tokens()
+    out32 = fp32_adapter(input_ids=ids, labels=ids)
+    out16 = bf16_adapter(input_ids=ids, labels=ids)
+    assert out32.logits.dtype == torch.bfloat16
+    # The factors are cast to bf16 before the kernels run, so the forward is the same computation.
+    assert torch.equal(out32.logits, out16.logits)
+    out32.loss.backward()
+    out16.loss.backward()
+    for name, p in mk.adapter_state_dict(fp32_adapter).items():
+        q = mk.adapter_state_dict(bf16_adapter)[name]
+        assert p.grad.dtype == torch.float32 and q.grad.dtype == torch.bfloat16
+        # Shared levels sum their layers' gradients in fp32 on one side and bf16 on the other.
+        torch.testing.assert_close(p.grad, q.grad.float(), rtol=2e-2, atol=1e-3, msg=name)
+
+
+def test_small_updates_survive_in_float32_factors():
+    # One AdamW step moves every element by lr; most bf16 values near 0.1 cannot move by 1e-4.
+    fractions = {}
+    for autocast in (True, False):
+        model = mk.apply_msplora(bf16_llama(), CONFIG, autocast_adapter_dtype=autocast)
+        randomize_adapter(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        ids = tokens()
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0).step()
+        changed = sum(int((p.detach() != b).sum()) for p, b in zip(params, before))
+        fractions[autocast] = changed / sum(p.numel() for p in params)
+    assert fractions[True] > 0.99 and fractions[False] < 0.5, fractions
+
+
+def test_save_load_and_merge_keep_float32_factors(tmp_path):
+    model = mk.apply_msplora(bf16_llama(), CONFIG)
+    randomize_adapter(model)
+    mk.save_adapter(model, tmp_path)
+    loaded = mk.load_msplora(bf16_llama(), tmp_path)
+    saved = mk.adapter_state_dict(model)
+    for name, t in mk.adapter_state_dict(loaded).items():
+        assert t.dtype == torch.float32 and torch.equal(t, saved[name]), name
+
+    ids = tokens()
+    with torch.no_grad():
+        adapted = loaded(input_ids=ids).logits.float()
+        merged = mk.merge_and_unload(copy.deepcopy(loaded))(input_ids=ids).logits.float()
+        base = bf16_llama()(input_ids=ids).logits.float()
+    assert (adapted - base).abs().max() > 0.2  # the adapter's effect is far above the tolerance below
+    assert {p.dtype for p in mk.merge_and_unload(loaded).parameters()} == {torch.bfloat16}
+    # Merging rounds W + delta to bf16 once; the adapted forward rounds at other places.
+    torch.testing.assert_close(merged, adapted, rtol=1e-2, atol=1e-2)
