@@ -45,10 +45,11 @@ def _variant(base, method, backend, shape, targets, dropout):
         import peft
 
         cfg = peft.LoraConfig(target_modules=targets, r=shape["ranks"][0], lora_alpha=16, lora_dropout=dropout)
+        # Both adapters keep the model's dtype: PEFT's fp32 option also computes its branch in fp32.
         return peft.get_peft_model(model, cfg, autocast_adapter_dtype=False)
     cfg = mk.MSPLoraConfig(target_modules=targets, ranks=shape["ranks"], lora_alpha=16, dropout=dropout,
                            backend=backend)
-    return mk.apply_msplora(model, cfg)
+    return mk.apply_msplora(model, cfg, autocast_adapter_dtype=False)
 
 
 def _runs(methods, device):
