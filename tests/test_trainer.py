@@ -32,3 +32,29 @@ def test_trainer_steps(tmp_path):
     after = model.state_dict()
     assert all(torch.equal(base[k], after[k]) for k in base)
     assert any(k.endswith(".B") and v.abs().sum() > 0 for k, v in mk.adapter_state_dict(model).items())
+
+
+def _checkpointing_run(out_dir, resume_from=None):
+    from transformers import Trainer, TrainingArguments
+
+    from msplora_kernels.callbacks import SaveAdapterCallback
+
+    model = mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig(modules_to_save=["classifier"], dropout=0.1))
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
+                             report_to=[], save_strategy="steps", save_steps=2, use_cpu=True, disable_tqdm=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=Toy(), callbacks=[SaveAdapterCallback()]).train(
+        resume_from_checkpoint=resume_from)
+    return model
+
+
+def test_trainer_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path):
+    full = _checkpointing_run(tmp_path / "full")
+    final = mk.adapter_state_dict(full)
+    # Every checkpoint folder loads on a fresh base model, as a PEFT checkpoint does.
+    from_ckpt = mk.adapter_state_dict(mk.load_msplora(tiny_bert(), tmp_path / "full" / "checkpoint-4"))
+    assert from_ckpt.keys() == final.keys() and all(torch.equal(from_ckpt[k], final[k]) for k in final)
+    halfway = mk.adapter_state_dict(mk.load_msplora(tiny_bert(), tmp_path / "full" / "checkpoint-2"))
+    assert any(not torch.equal(halfway[k], final[k]) for k in final)
+    # Resuming from the Trainer's own checkpoint (optimizer, scheduler, RNG, dropout seeds) is exact.
+    resumed = mk.adapter_state_dict(_checkpointing_run(tmp_path / "resumed", tmp_path / "full" / "checkpoint-2"))
+    assert all(torch.equal(resumed[k], final[k]) for k in final)

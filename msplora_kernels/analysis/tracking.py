@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..callbacks import trainer_callback_base
 from .spectra import pairs_from_model
 
 
@@ -50,15 +51,7 @@ class SpectrumRecorder:
         return rec
 
 
-def _trainer_callback_base():
-    try:
-        from transformers import TrainerCallback
-    except ImportError:  # usable without transformers, as a plain object
-        return object
-    return TrainerCallback
-
-
-class MSPLoraSpectrumCallback(_trainer_callback_base()):
+class MSPLoraSpectrumCallback(trainer_callback_base()):
     """A transformers.TrainerCallback that records spectra every `every_steps` steps and at each epoch end."""
 
     def __init__(self, recorder: SpectrumRecorder | None = None, every_steps: int = 0):

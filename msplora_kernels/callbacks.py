@@ -1,0 +1,25 @@
+"""transformers.Trainer callbacks. transformers is imported only when this module is."""
+from __future__ import annotations
+
+import os
+
+from .adapter_io import save_adapter
+
+
+def trainer_callback_base():
+    """transformers.TrainerCallback, or object where transformers is missing (the callbacks are then plain objects)."""
+    try:
+        from transformers import TrainerCallback
+    except ImportError:
+        return object
+    return TrainerCallback
+
+
+class SaveAdapterCallback(trainer_callback_base()):
+    """Writes the adapter (adapter_config.json and adapter_model.safetensors) into every checkpoint
+    folder the Trainer saves, so each checkpoint can be loaded with load_msplora on a fresh base
+    model, as PEFT's checkpoints can. The Trainer's own files there still resume training."""
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if model is not None and state.is_world_process_zero:
+            save_adapter(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
