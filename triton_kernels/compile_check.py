@@ -43,15 +43,18 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
 def launch_variants(dtype: str):
     """(kernel name, fn, constexprs, num_warps, num_stages, group) of every configuration to check.
     group names the set of which at least one must fit: a kernel's autotune space, or one fixed config."""
+    import torch
+
     from . import configs, kernels
 
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     precisions = ["ieee", "tf32"] if dtype == "fp32" else ["ieee"]
-    block_m, block_wide, warps, stages = configs.skinny_tiles()
+    block_m, block_wide, warps, stages = configs.skinny_tiles(torch_dtype)
     # R = 14 (8/4/2) and R = 112 (64/32/16), the paper's pyramids, give the two rank blocks.
-    rank_blocks = sorted({configs.rank_block(14), configs.rank_block(112)})
+    rank_blocks = sorted({configs.rank_block(14, torch_dtype), configs.rank_block(112, torch_dtype)})
     out = []
     for prec in precisions:
-        for cfg in configs.gemm_configs():
+        for cfg in configs.gemm_configs(torch_dtype):
             kw = cfg.kwargs
             for name, fn, flags in (("expand_linear", kernels.expand_linear_kernel, {"HAS_BIAS": True}),
                                     ("grad_x", kernels.grad_x_kernel, {"HAS_DROPOUT": True})):

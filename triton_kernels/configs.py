@@ -1,6 +1,11 @@
-"""Tile configurations: one small tile under the CPU interpreter, Hopper-sized tiles on a GPU."""
+"""Tile configurations: one small tile under the CPU interpreter, Hopper-sized tiles on a GPU.
+
+fp32 tiles take twice the shared memory of bf16 ones, and Hopper gives a block at most 227 KiB, so
+fp32 gets smaller tiles and rank blocks (checked for every configuration by compile_check.py).
+"""
 import os
 
+import torch
 import triton
 
 
@@ -8,35 +13,47 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def rank_block(total_rank: int) -> int:
-    """R padded to what tl.dot accepts (>= 16), one block up to 128, looped beyond."""
-    return min(128, max(16, triton.next_power_of_2(total_rank)))
+def _wide(dtype) -> bool:
+    return dtype == torch.float32
 
 
-def gemm_configs():
+def rank_block(total_rank: int, dtype=None) -> int:
+    """R padded to what tl.dot accepts (>= 16), one block up to 128 (64 in fp32), looped beyond."""
+    return min(64 if _wide(dtype) else 128, max(16, triton.next_power_of_2(total_rank)))
+
+
+def gemm_configs(dtype=None):
     """Autotune space of the two big fused GEMMs (K2, K4) on H100/H200."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
-    shapes = [
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-    ]
+    if _wide(dtype):
+        shapes = [
+            (128, 64, 32, 4, 3),
+            (64, 128, 32, 4, 3),
+            (64, 64, 32, 4, 3),
+            (128, 128, 32, 8, 2),
+        ]
+    else:
+        shapes = [
+            (128, 256, 64, 8, 3),
+            (256, 128, 64, 8, 3),
+            (128, 128, 64, 8, 4),
+            (128, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (64, 64, 64, 4, 4),
+        ]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for m, n, k, w, s in shapes
     ]
 
 
-def skinny_tiles():
+def skinny_tiles(dtype=None):
     """(BLOCK_M, BLOCK_WIDE, num_warps, num_stages) of the memory-bound skinny kernels (K1, K3, dA).
 
     Fixed, not autotuned: K3 and dA accumulate with atomics, which autotuning re-runs would corrupt.
     """
     if interpreting():
         return 32, 32, 4, 1
-    return 64, 128, 4, 3
+    return (64, 64, 4, 3) if _wide(dtype) else (64, 128, 4, 3)

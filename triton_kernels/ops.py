@@ -15,9 +15,12 @@ from .configs import gemm_configs, rank_block, skinny_tiles
 
 SUPPORTED = BACKEND_DTYPES["triton"]
 
-_expand_linear = triton.autotune(gemm_configs(), key=["M", "N", "K", "R"])(kernels.expand_linear_kernel)
+# One autotuner per tile family: fp32 needs smaller tiles than bf16/fp16 (configs.py).
 # In grad_x the output tile is (BLOCK_M, BLOCK_K) and BLOCK_N is the reduction step.
-_grad_x = triton.autotune(gemm_configs(), key=["M", "N", "K", "R"])(kernels.grad_x_kernel)
+_EXPAND_LINEAR = {wide: triton.autotune(gemm_configs(torch.float32 if wide else None), key=["M", "N", "K", "R"])(
+    kernels.expand_linear_kernel) for wide in (False, True)}
+_GRAD_X = {wide: triton.autotune(gemm_configs(torch.float32 if wide else None), key=["M", "N", "K", "R"])(
+    kernels.grad_x_kernel) for wide in (False, True)}
 
 
 def _check(name, *tensors):
@@ -52,8 +55,8 @@ def shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> to
     t = x.new_empty((M, R))
     if M == 0:
         return t
-    block_m, block_k, warps, stages = skinny_tiles()
-    block_r = rank_block(R)
+    block_m, block_k, warps, stages = skinny_tiles(x.dtype)
+    block_r = rank_block(R, x.dtype)
     grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
     wrap_triton(kernels.shrink_kernel)[grid](
         x, a, t, _seed_arg(p, seed, x), M, K, R, *x.stride(), *a.stride(), *t.stride(), p, _keep_scale(p),
@@ -72,10 +75,10 @@ def expand_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if M == 0:
         return y
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    wrap_triton(_expand_linear)[grid](
+    wrap_triton(_EXPAND_LINEAR[x.dtype == torch.float32])[grid](
         x, weight, bias if bias is not None else x, t, b, y, M, N, K, R,
         *x.stride(), *weight.stride(), *t.stride(), *b.stride(), *y.stride(),
-        HAS_BIAS=bias is not None, BLOCK_R=rank_block(R), DOT_PRECISION=_dot_precision(),
+        HAS_BIAS=bias is not None, BLOCK_R=rank_block(R, x.dtype), DOT_PRECISION=_dot_precision(),
     )
     return y
 
@@ -88,8 +91,8 @@ def grad_t_b(dy: torch.Tensor, t: torch.Tensor, b: torch.Tensor) -> tuple[torch.
     dt = dy.new_empty((M, R))
     db32 = torch.zeros((R, N), device=dy.device, dtype=torch.float32)
     if M > 0:
-        block_m, block_n, warps, stages = skinny_tiles()
-        block_r = rank_block(R)
+        block_m, block_n, warps, stages = skinny_tiles(dy.dtype)
+        block_r = rank_block(R, dy.dtype)
         grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
         wrap_triton(kernels.grad_t_b_kernel)[grid](
             dy, t, b, dt, db32, M, N, R, *dy.stride(), *t.stride(), *b.stride(), *dt.stride(),
@@ -110,10 +113,10 @@ def grad_x(dy: torch.Tensor, weight: torch.Tensor, dt: torch.Tensor, a: torch.Te
         return dx
     # The output tile is (BLOCK_M, BLOCK_K); the autotuned BLOCK_N is the reduction step.
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
-    wrap_triton(_grad_x)[grid](
+    wrap_triton(_GRAD_X[dy.dtype == torch.float32])[grid](
         dy, weight, dt, a, dx, _seed_arg(p, seed, dy), M, N, K, R,
         *dy.stride(), *weight.stride(), *dt.stride(), *a.stride(), *dx.stride(), p, _keep_scale(p),
-        HAS_DROPOUT=p > 0, BLOCK_R=rank_block(R), DOT_PRECISION=_dot_precision(),
+        HAS_DROPOUT=p > 0, BLOCK_R=rank_block(R, dy.dtype), DOT_PRECISION=_dot_precision(),
     )
     return dx
 
@@ -125,8 +128,8 @@ def grad_a(x: torch.Tensor, dt: torch.Tensor, p: float, seed: torch.Tensor) -> t
     R = dt.shape[1]
     da32 = torch.zeros((K, R), device=x.device, dtype=torch.float32)
     if M > 0:
-        block_m, block_k, warps, stages = skinny_tiles()
-        block_r = rank_block(R)
+        block_m, block_k, warps, stages = skinny_tiles(x.dtype)
+        block_r = rank_block(R, x.dtype)
         # Split the row reduction so that there are enough programs to fill the GPU.
         k_blocks = triton.cdiv(K, block_k) * triton.cdiv(R, block_r)
         splits = max(1, min(triton.cdiv(M, 4 * block_m), triton.cdiv(264, k_blocks)))
