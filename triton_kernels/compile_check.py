@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 # Shared memory one block may use (opt-in maximum), by compute capability.
@@ -83,7 +86,37 @@ def compile_one(fn, dtype, const, warps, stages, arch):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-def run(dtypes, arch: int, progress=True) -> tuple[list[dict], list[str]]:
+def _ptxas() -> str | None:
+    """The newest ptxas Triton ships (its PTX may be too new for the older one), else None."""
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas-blackwell", "ptxas"):
+        if os.path.isfile(os.path.join(bin_dir, name)):
+            return os.path.join(bin_dir, name)
+    return None
+
+
+def register_report(ptx: str, arch: int) -> dict:
+    """Registers and spill bytes per thread, from ptxas -v on the kernel's PTX (the compiled kernel
+    reports them only once loaded on a GPU). Empty if ptxas is missing or rejects the PTX."""
+    ptxas = _ptxas()
+    if ptxas is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", src,
+                               "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", proc.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", proc.stderr)
+    if proc.returncode != 0 or regs is None:
+        return {}
+    return {"registers": int(regs.group(1)), "spill_store_bytes": int(spills.group(1)) if spills else 0}
+
+
+def run(dtypes, arch: int, progress=True, registers=False) -> tuple[list[dict], list[str]]:
     """Compile every variant; returns the records and the problems found."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_check: unset TRITON_INTERPRET; the interpreter does not compile kernels")
@@ -100,6 +133,8 @@ def run(dtypes, arch: int, progress=True) -> tuple[list[dict], list[str]]:
         try:
             compiled = compile_one(fn, dtype, const, warps, stages, arch)
             rec.update(shared_bytes=compiled.metadata.shared, fits=compiled.metadata.shared <= limit)
+            if registers:
+                rec.update(register_report(compiled.asm["ptx"], arch))
         except Exception as exc:  # a kernel that does not compile is the finding
             rec.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", fits=False)
             problems.append(f"{dtype} {group} {const}: does not compile: {rec['error']}")
@@ -117,12 +152,15 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     ap.add_argument("--json", default=None, help="write every configuration's record here")
+    ap.add_argument("--registers", action="store_true", help="also report registers and spills (ptxas -v)")
     args = ap.parse_args(argv)
-    records, problems = run(args.dtypes, args.arch)
+    records, problems = run(args.dtypes, args.arch, registers=args.registers)
     for r in records:
         size = f"{r['shared_bytes'] / 1024:7.1f} KiB" if "shared_bytes" in r else "    error"
-        print(f"{r['dtype']:5} {r['group']:28} warps {r['num_warps']} stages {r['num_stages']} "
-              f"{size} {'fits' if r['fits'] else 'TOO BIG' if 'shared_bytes' in r else 'ERROR'}")
+        tile = "x".join(str(r[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in r)
+        regs = f" {r['registers']:3} regs, {r['spill_store_bytes']:4} B spilled" if "registers" in r else ""
+        print(f"{r['dtype']:5} {r['group']:28} {tile:11} warps {r['num_warps']} stages {r['num_stages']} "
+              f"{size}{regs} {'fits' if r['fits'] else 'TOO BIG' if 'shared_bytes' in r else 'ERROR'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"arch": args.arch, "records": records, "problems": problems}, f, indent=1)

@@ -53,7 +53,10 @@ def skinny_tiles(dtype=None):
     """(BLOCK_M, BLOCK_WIDE, num_warps, num_stages) of the memory-bound skinny kernels (K1, K3, dA).
 
     Fixed, not autotuned: K3 and dA accumulate with atomics, which autotuning re-runs would corrupt.
+    Chosen from ptxas's register reports on sm_90 (compile_check --registers), not yet timed: with
+    4 warps, 64x128 tiles spilled up to 4 KiB per thread (Philox dropout and the dB tile), while
+    64x64 with 8 warps spills nothing in shrink and dA, in every dtype.
     """
     if interpreting():
         return 32, 32, 4, 1
-    return (64, 64, 4, 3) if _wide(dtype) else (64, 128, 4, 3)
+    return 64, 64, 8, 3
