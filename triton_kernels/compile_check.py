@@ -162,8 +162,11 @@ def main(argv=None) -> int:
         print(f"{r['dtype']:5} {r['group']:28} {tile:11} warps {r['num_warps']} stages {r['num_stages']} "
               f"{size}{regs} {'fits' if r['fits'] else 'TOO BIG' if 'shared_bytes' in r else 'ERROR'}")
     if args.json:
+        import triton
+
         with open(args.json, "w") as f:
-            json.dump({"arch": args.arch, "records": records, "problems": problems}, f, indent=1)
+            json.dump({"arch": args.arch, "triton": triton.__version__, "records": records, "problems": problems},
+                      f, indent=1)
     for p in problems:
         print("PROBLEM:", p)
     print(f"{len(records)} configurations, {len(problems)} problems")
