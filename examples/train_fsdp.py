@@ -32,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=None, help="checkpoint file to write at --ckpt-at")
     p.add_argument("--resume", default=None, help="checkpoint file to resume from")
     p.add_argument("--out", default=None, help="write the final adapter tensors (safetensors) here")
+    p.add_argument("--adapter-dir", default=None, help="also save the final adapter here with mk.save_adapter")
     return p.parse_args(argv)
 
 
@@ -119,6 +120,8 @@ def main(argv=None):
             from safetensors.torch import save_file
 
             save_file({k: state[k].contiguous() for k in adapter_names}, args.out)
+    if args.adapter_dir:
+        mk.save_adapter(model, args.adapter_dir)  # on every rank: FSDP2 gathers the shards, rank 0 writes
     if distributed:
         # Let every rank finish (rank 0 writes files) before tearing gloo down; an unsynchronized
         # teardown can abort a rank with "terminate called without an active exception".

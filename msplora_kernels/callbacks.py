@@ -21,5 +21,6 @@ class SaveAdapterCallback(trainer_callback_base()):
     model, as PEFT's checkpoints can. The Trainer's own files there still resume training."""
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if model is not None and state.is_world_process_zero:
+        # Every process calls save_adapter: sharded (FSDP2) factors are gathered by all, rank 0 writes.
+        if model is not None:
             save_adapter(model, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))

@@ -59,9 +59,12 @@ def single(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_matches_single_process(tmp_path, single, mode):
     single, init = single
-    _run(tmp_path, mode, "--out", "out.st")
+    _run(tmp_path, mode, "--out", "out.st", "--adapter-dir", "adapter")
     got = _load(tmp_path / "out.st")
     assert got.keys() == single.keys()
+    # mk.save_adapter on the wrapped (DDP) or sharded (FSDP2) model writes the full adapter once.
+    saved = _load(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == got.keys() and all(torch.equal(saved[k], got[k]) for k in got)
     assert any(k.startswith("msplora_factors.") for k in got)  # the shared factors, at the root
     for k in single:
         torch.testing.assert_close(got[k], single[k], rtol=1e-4, atol=2e-5, msg=k)
