@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=list(methods.METHODS), choices=methods.METHODS)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--tokens", type=int, default=None, help="override the case's token count")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats on the CPU (default 15, quick 5)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds on the CPU (default 15, quick 5)")
     p.add_argument("--dropout", type=float, default=None,
                    help=f"adapter dropout (default: the paper's {methods.PAPER_DROPOUT}; 0 turns it off)")
     p.add_argument("--quick", action="store_true", help="fewer tokens and repeats (under 3 minutes on a CPU)")
@@ -41,6 +41,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     if args.repeats is None:
         args.repeats = 5 if args.quick else 15
