@@ -23,23 +23,29 @@ def _nvidia_backend_missing():
 
 
 @pytest.mark.skipif(_nvidia_backend_missing() is not None, reason=str(_nvidia_backend_missing()))
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_every_launch_configuration_compiles_and_fits_sm90(dtype, tmp_path):
+def test_every_launch_configuration_compiles_and_fits_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile for real, not from an earlier cache
-    out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, "-m", "msplora_kernels.triton_kernels.compile_check", "--arch", "90",
-                           "--dtypes", dtype, "--json", str(out)], capture_output=True, text=True, env=env, timeout=1200)
-    assert out.exists(), proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report["problems"] == [], report["problems"]
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    records = report["records"]
-    kernels = {r["kernel"] for r in records}
-    assert kernels == {"shrink", "expand_linear", "grad_t_b", "grad_x", "grad_a", "dropout_mask"}
-    assert all("error" not in r for r in records)
-    # The fixed-tile kernels have no autotuner to skip a configuration: each must fit.
-    for r in records:
-        if r["kernel"] not in ("expand_linear", "grad_x"):
-            assert r["fits"] and r["shared_bytes"] <= 227 * 1024, r
+    # One child per dtype, side by side (compiling is single-threaded), each with a fresh cache so
+    # that every kernel is compiled, not read back from an earlier run.
+    children = {}
+    for dtype in ("bf16", "fp32"):
+        out = tmp_path / f"{dtype}.json"
+        cmd = [sys.executable, "-m", "msplora_kernels.triton_kernels.compile_check", "--arch", "90",
+               "--dtypes", dtype, "--json", str(out)]
+        children[dtype] = (out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                 env={**env, "TRITON_CACHE_DIR": str(tmp_path / f"cache-{dtype}")}))
+    for dtype, (out, child) in children.items():
+        stdout, stderr = child.communicate(timeout=1200)
+        assert out.exists(), stderr[-3000:]
+        report = json.loads(out.read_text())
+        assert report["problems"] == [], report["problems"]
+        assert child.returncode == 0, stdout[-3000:]
+        records = report["records"]
+        assert {r["kernel"] for r in records} == {"shrink", "expand_linear", "grad_t_b", "grad_x", "grad_a",
+                                                  "dropout_mask"}
+        assert all("error" not in r for r in records)
+        # The fixed-tile kernels have no autotuner to skip a configuration: each must fit.
+        for r in records:
+            if r["kernel"] not in ("expand_linear", "grad_x"):
+                assert r["fits"] and r["shared_bytes"] <= 227 * 1024, (dtype, r)
