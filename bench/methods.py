@@ -51,7 +51,7 @@ class NaiveMSPLoRA(nn.Module):
     def forward(self, x):
         y = self.base(x)
         for a, b, drop, s in zip(self.lora_A, self.lora_B, self.drop, self.scales):
-            y = y + b(a(drop(x))) * s
+            y += b(a(drop(x))) * s  # in place, as the paper's code adds each branch
         return y
 
 

@@ -46,3 +46,24 @@ def test_model_step_quick(tmp_path):
     assert records[0]["trainable_params"] == 0 and all(r["trainable_params"] > 0 for r in records[1:])
     assert all(r["fwd_bwd_ms"] > 0 and FIELDS <= r.keys() and r["dropout"] == 0 for r in records)
     assert "x no_adapter" in stdout
+
+
+def test_naive_baseline_computes_msplora(tmp_path):
+    """The benchmark's naive baseline is the same function as the fused layer (dropout off)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import methods
+
+    case = methods.CASES["tiny"]
+    torch.manual_seed(0)
+    naive = methods.build("msplora_naive", None, case, "cpu", torch.float32, 0.0)
+    fused = mk.MSPLoraLinear.from_linear(naive.base, ranks=case.ranks, lora_alpha=methods.ALPHA)
+    with torch.no_grad():
+        for lvl, a, b in zip(fused.levels, naive.lora_A, naive.lora_B):
+            lvl.A.copy_(a.weight.T)
+            lvl.B.copy_(b.weight.T)
+    x = torch.randn(16, case.in_features, requires_grad=True)
+    y_naive = naive(x)
+    assert (y_naive - naive.base(x)).abs().max() > 1e-3  # the adapter is not zero
+    torch.testing.assert_close(y_naive, fused(x), rtol=1e-5, atol=1e-5)
