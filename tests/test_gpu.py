@@ -36,6 +36,19 @@ def test_matches_reference_real_sizes(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_float32_with_tf32_allowed(backend):
+    # With TF32 the Triton kernels take the tf32 dot; before fp32 had tiles of its own, no
+    # configuration of the rank-112 pyramid fit sm_90's shared memory (bench/NOTES.md).
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        problem = make_problem((4096,), 4096, 4096, (64, 32, 16), torch.float32, device="cuda")
+        check_backend_against_reference(backend, problem)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_leading_dims_noncontiguous_and_levels(backend, dtype):
     for ranks in [(16,), (16, 8), (64, 32, 16), (9, 7, 5, 3)]:
