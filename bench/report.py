@@ -58,6 +58,16 @@ def metadata(device, dtype) -> dict:
     }
 
 
+def flop_floor(r: dict) -> float | None:
+    """The least fwd+bwd time an adapted layer can take relative to the frozen linear, by FLOPs:
+    the frozen layer does 4MKN (forward and the input gradient), the adapter's six rank-R GEMMs
+    (shrink, expand, dT, dB, dA and its dx term) 6MR(K+N). None for the frozen linear and the model step."""
+    if "layers" in r or not r.get("ranks"):
+        return None
+    k, n, rank = r["in_features"], r["out_features"], sum(r["ranks"])
+    return 1.0 + 3.0 * rank * (k + n) / (2.0 * k * n)
+
+
 def add_ratios(records: list[dict]) -> None:
     """Each record's fwd+bwd time relative to the floor (`linear`, or `no_adapter` for a model step;
     stored as vs_linear), to `peft_lora` and to `msplora_naive` of the same case."""
@@ -74,6 +84,7 @@ def add_ratios(records: list[dict]) -> None:
         r["vs_linear"] = ratio(r, "linear", "no_adapter")
         r["vs_peft_lora"] = ratio(r, "peft_lora")
         r["vs_naive"] = ratio(r, "msplora_naive")
+        r["flop_floor_vs_linear"] = flop_floor(r)
 
 
 def dropouts(records: list[dict]) -> str:
@@ -99,13 +110,15 @@ def table(records: list[dict]) -> str:
         ("fwd+bwd ms", lambda r: _fmt(r["fwd_bwd_ms"], ".2f")),
         ("q20-q80", lambda r: f"{r['fwd_bwd_q20_ms']:.2f}-{r['fwd_bwd_q80_ms']:.2f}"),
         (floor, lambda r: _fmt(r["vs_linear"], ".3f")),
+        ("floor", lambda r: _fmt(r.get("flop_floor_vs_linear"), ".3f")),
         ("x peft_lora", lambda r: _fmt(r["vs_peft_lora"], ".3f")),
         ("x naive", lambda r: _fmt(r["vs_naive"], ".3f")),
         ("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
         ("peak MB", lambda r: _fmt(r["peak_mem_mb"], ".1f")),
     ]
-    if all(r.get("vs_naive") is None for r in records):
-        cols = [c for c in cols if c[0] != "x naive"]
+    for name, key in (("x naive", "vs_naive"), ("floor", "flop_floor_vs_linear")):
+        if all(r.get(key) is None for r in records):
+            cols = [c for c in cols if c[0] != name]
     rows = [[name for name, _ in cols]] + [[f(r) for _, f in cols] for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     lines = []

@@ -34,7 +34,10 @@ def test_layer_bench_tiny(tmp_path):
         assert r["dropout"] == 0.05  # the paper's, unless --dropout says otherwise
     assert records[0]["vs_linear"] == 1.0 and records[2]["vs_naive"] == 1.0
     assert {r["trainable_params"] for r in records if r["method"].startswith("msplora")} == {(64 + 48) * 14}
-    assert "msplora[cpp]" in stdout and "x linear" in stdout and "x naive" in stdout
+    assert "msplora[cpp]" in stdout and "x linear" in stdout and "x naive" in stdout and "floor" in stdout
+    # tiny: K=64, N=48, R=14 -> 1 + 3*14*112 / (2*64*48)
+    assert {r["flop_floor_vs_linear"] for r in records if r["method"].startswith("msplora")} == {1 + 3 * 14 * 112 / 6144}
+    assert records[0]["flop_floor_vs_linear"] is None
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
