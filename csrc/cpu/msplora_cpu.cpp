@@ -1,7 +1,8 @@
 // CPU kernels of the msplora ops. The GEMMs are ATen's (MKL/oneDNN); what is
-// ours is the fusion: all levels in one shrink and one expand, the expand and
-// the LoRA dx term added in place into the base GEMM's output, and the dropout
-// mask regenerated from its seed instead of stored.
+// ours is the fusion: all levels in one shrink and one expand, the base GEMMs
+// accumulating into the expand and the LoRA dx term (beta = 1) instead of a
+// separate pass to add them, and the dropout mask regenerated from its seed
+// instead of stored.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -13,9 +14,7 @@
 namespace msplora {
 namespace {
 
-// Rows per chunk of the base GEMMs: the LoRA term is added into each chunk of the
-// output while it is still in cache, which makes the in-place add nearly free
-// (measured at d=768: chunks of 1024 beat both 512 and one whole-matrix pass).
+// Rows per chunk of the masked LoRA term in grad_x: the temporary stays small and in cache.
 constexpr int64_t kRowChunk = 1024;
 
 // The keep flags (1 kept, 0 dropped) of elements first..first+n-1. Branch-free so it vectorizes;
@@ -77,20 +76,12 @@ at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, double p, const 
 at::Tensor expand_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                              const at::Tensor& t, const at::Tensor& b) {
   check_expand_linear_args(x, weight, bias, t, b);
+  // The skinny expand (and the bias) first, then the base GEMM accumulates into it with beta=1,
+  // so the LoRA term costs no extra pass over y (measured at d=768, 4096 rows: 25.0 ms against
+  // 25.5 for base-then-expand in 1024-row chunks, and 24.7 for the base GEMM alone).
   const bool has_bias = bias.has_value() && bias->defined();
-  const int64_t rows = x.size(0);
-  at::Tensor y = at::empty({rows, weight.size(0)}, x.options());
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
-    const int64_t n = std::min(kRowChunk, rows - r0);
-    at::Tensor yc = y.narrow(0, r0, n);
-    if (has_bias) {
-      at::addmm_out(yc, *bias, x.narrow(0, r0, n), weight.t());
-    } else {
-      at::mm_out(yc, x.narrow(0, r0, n), weight.t());
-    }
-    // The LoRA expand accumulates into the chunk while it is in cache.
-    yc.addmm_(t.narrow(0, r0, n), b);
-  }
+  at::Tensor y = has_bias ? at::addmm(*bias, t, b) : at::mm(t, b);
+  y.addmm_(x, weight.t());
   return y;
 }
 
@@ -103,13 +94,13 @@ std::tuple<at::Tensor, at::Tensor> grad_t_b_cpu(const at::Tensor& dy, const at::
 at::Tensor grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dt, const at::Tensor& a,
                       double p, const at::Tensor& seed) {
   check_grad_x_args(dy, weight, dt, a, p, seed);
-  // One big GEMM here: unlike the forward, mm into row chunks measured slower than one mm
-  // plus the in-place add (24.5 vs 24.0 ms at d=768, 4096 rows).
-  at::Tensor dx = at::mm(dy, weight);
   if (p == 0.0) {
-    dx.addmm_(dt, a.t());
+    // As in the forward: the skinny term first, the big GEMM accumulating into it.
+    at::Tensor dx = at::mm(dt, a.t());
+    dx.addmm_(dy, weight);
     return dx;
   }
+  at::Tensor dx = at::mm(dy, weight);
   // Only the LoRA branch saw the dropped input, so only its term is masked; chunks keep the
   // temporary small.
   const int64_t rows = dy.size(0), cols = weight.size(1);
