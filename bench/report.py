@@ -155,6 +155,12 @@ def plot(path, meta: dict, records: list[dict]) -> None:
         bars = ax.bar(xs, ys, width, label=lab)
         ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    for j, case in enumerate(cases):
+        floors = [r.get("flop_floor_vs_linear") for r in records
+                  if r["case"] == case and r["method"].startswith("msplora")]
+        if floors and floors[0]:
+            ax.hlines(floors[0], j - 0.42, j + 0.42, colors="dimgray", linestyles=":", linewidth=1.2,
+                      label="MSPLoRA FLOP floor" if j == 0 else None)
     ax.set_xticks(range(len(cases)), cases)
     step = any(r["method"] == "no_adapter" for r in records)
     ax.set_ylabel("training step time / no adapter" if step else "forward+backward time / frozen nn.Linear")
