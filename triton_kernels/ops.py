@@ -15,12 +15,15 @@ from .configs import gemm_configs, rank_block, skinny_tiles
 
 SUPPORTED = BACKEND_DTYPES["triton"]
 
-# One autotuner per tile family: fp32 needs smaller tiles than bf16/fp16 (configs.py).
+def _autotuned(kernel) -> dict:
+    """{inputs are fp32: autotuned kernel}: fp32 needs smaller tiles than bf16/fp16 (configs.py)."""
+    return {fp32: triton.autotune(gemm_configs(torch.float32 if fp32 else torch.bfloat16),
+                                  key=["M", "N", "K", "R"])(kernel) for fp32 in (False, True)}
+
+
+_EXPAND_LINEAR = _autotuned(kernels.expand_linear_kernel)
 # In grad_x the output tile is (BLOCK_M, BLOCK_K) and BLOCK_N is the reduction step.
-_EXPAND_LINEAR = {wide: triton.autotune(gemm_configs(torch.float32 if wide else None), key=["M", "N", "K", "R"])(
-    kernels.expand_linear_kernel) for wide in (False, True)}
-_GRAD_X = {wide: triton.autotune(gemm_configs(torch.float32 if wide else None), key=["M", "N", "K", "R"])(
-    kernels.grad_x_kernel) for wide in (False, True)}
+_GRAD_X = _autotuned(kernels.grad_x_kernel)
 
 
 def _check(name, *tensors):
