@@ -61,20 +61,19 @@ def msplora_linear(
     if amp_dtype is not None:
         x, weight, bias = _cast(x, amp_dtype), _cast(weight, amp_dtype), _cast(bias, amp_dtype)
         check_same_dtype(x, weight, bias)  # fp64 is left uncast, as autocast leaves it
-    As = [a if a.dtype == x.dtype else a.to(x.dtype) for a in As]
-    Bs = [b if b.dtype == x.dtype else b.to(x.dtype) for b in Bs]
     name = resolve_backend(backend, x.device, x.dtype)
     p = float(dropout_p) if training else 0.0
     with torch.autocast(x.device.type, enabled=False) if amp_dtype is not None else contextlib.nullcontext():
         if name == "torch":
+            As = [a if a.dtype == x.dtype else a.to(x.dtype) for a in As]
+            Bs = [b if b.dtype == x.dtype else b.to(x.dtype) for b in Bs]
             mask = None
             if p > 0:
                 mask = torch_dropout_mask(x.shape, p, int(draw_seed("cpu")), x.device, x.dtype)
             return msplora_linear_reference(x, weight, bias, As, Bs, scales, mask)
-        a = torch.cat([a_i * float(s) for a_i, s in zip(As, scales)], dim=1)
-        b = torch.cat(list(Bs), dim=0)
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
         seed = draw_seed(x.device) if p > 0 else torch.empty(0, dtype=torch.int64, device=x.device)
-        y = FusedMSPLoRAFunction.apply(x2d, weight, bias, a, b, p, seed, name)
+        # The Function casts factors of another dtype to x's after scaling, and their gradients back.
+        y = FusedMSPLoRAFunction.apply(x2d, weight, bias, p, seed, name, tuple(float(s) for s in scales), *As, *Bs)
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
