@@ -16,6 +16,7 @@ through it here cost about 13 us of Python per op call, on every layer, forward 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -29,20 +30,35 @@ def _below_autograd():
     return contextlib.nullcontext() if torch.compiler.is_compiling() else torch._C._AutoDispatchBelowAutograd()
 
 
-def _joined(As, Bs, scales, dtype):
-    # One multi-tensor op scales every level, one cat joins them: two launches for A, one for B.
-    a = torch.cat(torch._foreach_mul(list(As), list(scales)), dim=1).to(dtype)
-    b = torch.cat(list(Bs), dim=0).to(dtype)
-    return a, b
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
 
 
-def _split_da(da, ranks, scales, dtypes):
-    levels = torch._foreach_mul(list(torch.split(da, ranks, dim=1)), list(scales))
-    return [g.to(dtype) for g, dtype in zip(levels, dtypes)]
+def _build_scale_row(scales, ranks, device, dtype) -> torch.Tensor:
+    return torch.cat([torch.full((r,), s, dtype=dtype) for s, r in zip(scales, ranks)]).to(device)
 
 
-def _split_db(db, ranks, dtypes):
-    return [g.to(dtype) for g, dtype in zip(torch.split(db, ranks, dim=0), dtypes)]
+_cached_scale_row = functools.lru_cache(maxsize=256)(_build_scale_row)
+
+
+def _scale_row(scales, ranks, like: torch.Tensor) -> torch.Tensor:
+    """Level i's scale repeated r_i times, (R,): one in-place multiply scales every level. fp32,
+    or fp64 for fp64 factors, so that the scales are as exact as the factors.
+
+    Cached in eager, so that a GPU step makes no host-to-device copy; built in the graph under
+    torch.compile.
+    """
+    key = (scales, ranks, like.device, torch.float64 if like.dtype == torch.float64 else torch.float32)
+    return _build_scale_row(*key) if torch.compiler.is_compiling() else _cached_scale_row(*key)
+
+
+def _joined(As, Bs, row, dtype):
+    # Scaled in the factors' dtype, then cast once: one cat and one multiply for A, a cat for B.
+    return _as(torch.cat(As, dim=1).mul_(row), dtype), _as(torch.cat(Bs, dim=0), dtype)
+
+
+def _split(grad, ranks, dim, dtypes):
+    return [_as(g, dtype) for g, dtype in zip(grad.split_with_sizes(ranks, dim=dim), dtypes)]
 
 
 class FusedMSPLoRAFunction(torch.autograd.Function):
@@ -51,20 +67,21 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
         levels = len(factors) // 2
         As, Bs = factors[:levels], factors[levels:]
         ops = fused_op_table(backend)
+        ranks = tuple(a_i.shape[1] for a_i in As)
+        row = _scale_row(scales, ranks, As[0])
         with _below_autograd():
-            a, b = _joined(As, Bs, scales, x.dtype)
+            a, b = _joined(As, Bs, row, x.dtype)
             t = ops.shrink(x, a, p, seed)
             y = ops.expand_linear(x, weight, bias, t, b)
-        ctx.save_for_backward(x, weight, a, b, t, seed)
-        ctx.p, ctx.backend, ctx.scales = p, backend, scales
-        ctx.ranks = [a_i.shape[1] for a_i in As]
+        ctx.save_for_backward(x, weight, a, b, t, seed, row)
+        ctx.p, ctx.backend, ctx.ranks = p, backend, ranks
         ctx.a_dtypes, ctx.b_dtypes = [a_i.dtype for a_i in As], [b_i.dtype for b_i in Bs]
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, a, b, t, seed = ctx.saved_tensors
+        x, weight, a, b, t, seed, row = ctx.saved_tensors
         levels = len(ctx.ranks)
         need_x, need_w, need_bias = ctx.needs_input_grad[:3]
         need_as, need_bs = ctx.needs_input_grad[7 : 7 + levels], ctx.needs_input_grad[7 + levels :]
@@ -78,9 +95,10 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
                 if need_x:
                     dx = ops.grad_x(dy, weight, dt, a, ctx.p, seed)
                 if any(need_as):
-                    da_levels = _split_da(ops.grad_a(x, dt, ctx.p, seed), ctx.ranks, ctx.scales, ctx.a_dtypes)
+                    # dA_i = s_i dropout(x)^T dT_i: grad_a returns a fresh tensor, scaled in place.
+                    da_levels = _split(ops.grad_a(x, dt, ctx.p, seed).mul_(row), ctx.ranks, 1, ctx.a_dtypes)
                 if any(need_bs):
-                    db_levels = _split_db(db, ctx.ranks, ctx.b_dtypes)
+                    db_levels = _split(db, ctx.ranks, 0, ctx.b_dtypes)
             if need_w:
                 dw = dy.t().mm(x)
             if need_bias:

@@ -38,26 +38,31 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Backend choice is fixed for a traced graph: torch.compile evaluates these at trace time.
-@torch.compiler.assume_constant_result
-def available_backends(device="cpu") -> list[str]:
-    """Backends usable for tensors on `device`, best first."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
+@functools.lru_cache(maxsize=None)
+def _available(device_type: str, interpreter: bool) -> tuple:
+    # Cached: the compiled kernels and triton are loaded once, and this runs on every call.
+    if device_type == "cuda":
         names = []
         if _triton_import_error() is None:
             names.append("triton")
         if _native.has_kernel("CUDA"):
             names.append("cuda")
-        return names + ["torch"]
-    if dev.type == "cpu":
+        return (*names, "torch")
+    if device_type == "cpu":
         names = ["cpp"] if _native.has_kernel("CPU") else []
         names.append("torch")
         # The interpreter is for testing the kernels on the CPU, never the fast path.
-        if triton_interpreter_on() and _triton_import_error() is None:
+        if interpreter and _triton_import_error() is None:
             names.append("triton")
-        return names
-    return ["torch"]
+        return tuple(names)
+    return ("torch",)
+
+
+# Backend choice is fixed for a traced graph: torch.compile evaluates these at trace time.
+@torch.compiler.assume_constant_result
+def available_backends(device="cpu") -> list[str]:
+    """Backends usable for tensors on `device`, best first."""
+    return list(_available(torch.device(device).type, triton_interpreter_on()))
 
 
 @torch.compiler.assume_constant_result
@@ -66,7 +71,8 @@ def resolve_backend(backend: str | None, device, dtype=None) -> str:
     requested, source = backend, "backend="
     if requested is None and os.environ.get(ENV_VAR):
         requested, source = os.environ[ENV_VAR], f"${ENV_VAR}="
-    available = available_backends(device)
+    device = torch.device(device)
+    available = _available(device.type, triton_interpreter_on())
     if requested is None:
         return next(name for name in available if supports_dtype(name, dtype))
     if requested not in ALL_BACKENDS:
@@ -77,11 +83,11 @@ def resolve_backend(backend: str | None, device, dtype=None) -> str:
             why = f" (the compiled extension did not load: {_native.LOAD_ERROR})"
         elif requested == "triton" and _triton_import_error() is not None:
             why = f" (triton: {_triton_import_error()})"
-        elif requested == "triton" and torch.device(device).type == "cpu":
+        elif requested == "triton" and device.type == "cpu":
             why = " (on the CPU, triton runs only under TRITON_INTERPRET=1)"
         raise RuntimeError(
-            f"msplora: backend {source}{requested!r} is not available for device {torch.device(device)}{why}; "
-            f"available: {available}"
+            f"msplora: backend {source}{requested!r} is not available for device {device}{why}; "
+            f"available: {list(available)}"
         )
     if not supports_dtype(requested, dtype):
         raise TypeError(

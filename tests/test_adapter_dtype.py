@@ -34,7 +34,9 @@ def test_float32_factors_compute_what_their_bf16_cast_computes():
     out32 = fp32_adapter(input_ids=ids, labels=ids)
     out16 = bf16_adapter(input_ids=ids, labels=ids)
     assert out32.logits.dtype == torch.bfloat16
-    # The factors are cast to bf16 before the kernels run, so the forward is the same computation.
+    # The kernels run in bf16 either way: fp32 factors are scaled, then rounded to bf16 once; bf16
+    # factors are rounded, then scaled. With power-of-two scales (16/8, 16/4, 16/2) scaling is exact,
+    # so the two forwards are the same computation, bit for bit.
     assert torch.equal(out32.logits, out16.logits)
     out32.loss.backward()
     out16.loss.backward()
