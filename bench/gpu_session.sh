@@ -39,9 +39,15 @@ if want tests; then
 fi
 
 if want layers; then
-  $PY bench/throughput.py --json "$OUT_DIR/$DEV-$DATE.json" --plot "$OUT_DIR/$DEV-$DATE.png" \
-    > "$OUT_DIR/$DEV-$DATE.log" 2>&1
-  tail -14 "$OUT_DIR/$DEV-$DATE.log"
+  LOG="$OUT_DIR/$DEV-$DATE.log"
+  $PY bench/throughput.py --json "$OUT_DIR/$DEV-$DATE.json" --plot "$OUT_DIR/$DEV-$DATE.png" > "$LOG" 2>&1
+  tail -14 "$LOG"
+  # Into the same log (the device tool returns 8 files at most): CUDA-graph replays, whose gap to
+  # the eager run is CPU launch overhead, and a tiny layer, where that overhead is all there is.
+  { echo; echo "# --cuda-graphs"; $PY bench/throughput.py --cuda-graphs
+    echo; echo "# launch overhead: tiny layer, 16 tokens"; $PY bench/throughput.py --cases tiny --tokens 16
+  } >> "$LOG" 2>&1
+  tail -24 "$LOG"
 fi
 
 if want model; then
