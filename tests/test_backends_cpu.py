@@ -76,6 +76,19 @@ def test_frozen_adapter_still_gives_input_gradient(backend):
     check_backend_against_reference(backend, (x, w, b, As, Bs, scales))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("frozen", [("As", 0), ("Bs", 2), ("As", 1, "Bs", 1)], ids=["A0", "B2", "A1B1"])
+def test_partly_frozen_factors(backend, frozen):
+    # The Function splits dA and dB per level; frozen levels get none, the others theirs.
+    x, w, b, As, Bs, scales = make_problem((3, 5), 18, 14, (5, 3, 2), precise_dtype(backend))
+    named = {"As": As, "Bs": Bs}
+    for group, index in zip(frozen[::2], frozen[1::2]):
+        named[group][index].requires_grad_(False)
+    _, grads = check_backend_against_reference(backend, (x, w, b, As, Bs, scales), dropout_p=0.3, training=True)
+    assert all(f"{group}[{index}]" not in grads for group, index in zip(frozen[::2], frozen[1::2]))
+    assert len(grads) == 1 + 6 - len(frozen) // 2
+
+
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])  # triton has no float64
 def test_gradcheck_float64(backend):
     x, w, b, As, Bs, scales = make_problem((3, 4), 10, 7, (3, 2, 1), torch.float64, train_base=True)
