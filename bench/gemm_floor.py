@@ -1,0 +1,96 @@
+"""The measured floor of one adapted layer: its GEMMs alone, on this machine's BLAS.
+
+An adapted layer's forward+backward must run the frozen layer's two GEMMs (y and dx) and the
+adapter's six rank-R GEMMs (shrink, expand, dT, dB, dx's LoRA term, dA). This times exactly
+those eight calls, with no dropout, copies or autograd, in interleaved rounds with the naive
+form and the fused op, so that "x naive" goals can be checked against what the GEMMs allow.
+
+    python bench/gemm_floor.py                         # llama2-7b, the CPU token count
+    python bench/gemm_floor.py --case roberta-base --repeats 15 --json floor.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import methods  # noqa: E402
+import report  # noqa: E402
+import timing  # noqa: E402
+
+
+def gemm_calls(case, tokens: int, device):
+    """(the frozen layer's two GEMMs, those plus the adapter's six), on fresh random operands."""
+    K, N, R = case.in_features, case.out_features, sum(case.ranks)
+    x, dy = torch.randn(tokens, K, device=device), torch.randn(tokens, N, device=device)
+    w, bias = torch.randn(N, K, device=device) / K**0.5, torch.randn(N, device=device)
+    a, b = torch.randn(K, R, device=device) / K**0.5, torch.randn(R, N, device=device) * 0.02
+    t, dt = x @ a, dy @ b.t()
+
+    def frozen():
+        torch.addmm(bias, x, w.t())
+        dy.mm(w)
+
+    def adapted():
+        frozen()
+        # In the orientation MKL runs fastest (as the cpp ops do): (R x K)(K x M), not (M x K)(K x R).
+        torch.mm(a.t(), x.t()), torch.mm(t, b)      # shrink, expand
+        torch.mm(b, dy.t()), torch.mm(t.t(), dy)    # dT, dB
+        torch.mm(dt, a.t()), torch.mm(dt.t(), x)    # dx's LoRA term, dA
+
+    return frozen, adapted
+
+
+def layer_step(layer, x, dy):
+    def step():
+        x.grad = None
+        layer(x).backward(dy)
+
+    return step
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", default="llama2-7b", choices=sorted(methods.CASES))
+    p.add_argument("--tokens", type=int, default=None, help="default: the case's CPU token count")
+    p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    case = methods.CASES[args.case]
+    tokens = args.tokens or case.cpu_tokens
+    torch.manual_seed(0)
+    frozen, adapted = gemm_calls(case, tokens, "cpu")
+    fns = {"frozen GEMMs": frozen, "frozen + adapter GEMMs": adapted}
+    x = torch.randn(tokens, case.in_features, requires_grad=True)
+    dy = torch.randn(tokens, case.out_features)
+    for dropout in (methods.PAPER_DROPOUT, 0.0):
+        for method, backend in (("msplora_naive", None), ("msplora", "cpp")):
+            layer = methods.build(method, backend, case, "cpu", torch.float32, dropout)
+            fns[f"{method}[{backend or '-'}] dropout {dropout:g}"] = layer_step(layer, x, dy)
+    res = timing.time_cpu_interleaved(fns, args.repeats)
+    meta = report.metadata("cpu", torch.float32)
+    floor = res["frozen + adapter GEMMs"]["median"]
+    print(f"{meta['device_name']}, {case.name} ({tokens} tokens), fwd+bwd ms, median of {args.repeats} rounds")
+    for name, s in res.items():
+        print(f"  {name:34s} {s['median']:8.2f}  (q20-q80 {s['q20']:.1f}-{s['q80']:.1f})")
+    summary = {}
+    for dropout in (methods.PAPER_DROPOUT, 0.0):
+        naive = res[f"msplora_naive[-] dropout {dropout:g}"]["median"]
+        fused = res[f"msplora[cpp] dropout {dropout:g}"]["median"]
+        summary[f"{dropout:g}"] = {"gemm_floor_vs_naive": floor / naive, "cpp_vs_naive": fused / naive,
+                                   "cpp_vs_gemm_floor": fused / floor}
+        print(f"  dropout {dropout:g}: GEMM floor / naive {floor / naive:.3f}, cpp / naive {fused / naive:.3f}, "
+              f"cpp / GEMM floor {fused / floor:.3f}")
+    out = {"meta": meta, "case": case.name, "tokens": tokens, "timings": res, "summary": summary}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
