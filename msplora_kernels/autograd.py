@@ -3,6 +3,7 @@
 Forward:  A = [s_1 A_1 | ... | s_n A_n], B = [B_1; ...; B_n] (the levels joined, in x's dtype)
           T = dropout(x) A          (shrink, all levels at once)
           y = x W^T + b + T B      (expand, added into the base GEMM)
+          (Triton, $MSPLORA_TRITON_FORWARD=onepass: both in one kernel, for small R)
 Backward: dT, dB = dy B^T, T^T dy   (one pass over dy)
           dx = dy W + mask * (dT A^T)
           dA = dropout(x)^T dT      (mask regenerated from the seed)
@@ -71,8 +72,11 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
         row = _scale_row(scales, ranks, As[0])
         with _below_autograd():
             a, b = _joined(As, Bs, row, x.dtype)
-            t = ops.shrink(x, a, p, seed)
-            y = ops.expand_linear(x, weight, bias, t, b)
+            if backend == "triton" and ops.one_pass_forward(a.shape[1]):
+                y, t = ops.shrink_expand_linear(x, weight, bias, a, b, p, seed)
+            else:
+                t = ops.shrink(x, a, p, seed)
+                y = ops.expand_linear(x, weight, bias, t, b)
         ctx.save_for_backward(x, weight, a, b, t, seed, row)
         ctx.p, ctx.backend, ctx.ranks = p, backend, ranks
         ctx.a_dtypes, ctx.b_dtypes = [a_i.dtype for a_i in As], [b_i.dtype for b_i in Bs]

@@ -89,3 +89,24 @@ def register(namespace: str) -> None:
         ("dropout_mask", mask_backward, None),
     ]:
         torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup)
+
+
+def register_shrink_expand_linear(namespace: str) -> None:
+    """The one-pass forward (y, T) = expand_linear(x, W, b, shrink(x, A), B), Triton only."""
+
+    def setup(ctx, inputs, output):
+        x, weight, bias, a, b, p, seed = inputs
+        ctx.save_for_backward(x, weight, a, b, seed, output[1])
+        ctx.p, ctx.has_bias = p, bias is not None
+
+    def backward(ctx, g_y, g_t):
+        x, weight, a, b, seed, t = ctx.saved_tensors
+        g_y = torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device) if g_y is None else g_y
+        dt = g_y @ b.T if g_t is None else g_y @ b.T + g_t
+        mask = _mask(x, ctx.p, seed, namespace)
+        need = ctx.needs_input_grad
+        return (g_y @ weight + _masked(dt @ a.T, mask) if need[0] else None, g_y.T @ x if need[1] else None,
+                g_y.sum(0) if ctx.has_bias and need[2] else None, _masked(x, mask).T @ dt if need[3] else None,
+                t.T @ g_y if need[4] else None, None, None)
+
+    torch.library.register_autograd(f"{namespace}::shrink_expand_linear", backward, setup_context=setup)

@@ -52,3 +52,74 @@ def test_opcheck_schema_triton_ops():
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema",))
+
+
+@pytest.fixture
+def one_pass(monkeypatch):
+    monkeypatch.setenv("MSPLORA_TRITON_FORWARD", "onepass")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("ranks,dropout", [((8, 4, 2), 0.0), ((8, 4, 2), 0.25), ((7, 3), 0.1), ((20, 9, 3), 0.0)],
+                         ids=["r14", "r14-dropout", "r10-dropout", "r32"])
+def test_one_pass_forward_matches_reference(one_pass, dtype, ranks, dropout):
+    # Sizes off every block multiple; several column tiles, so T comes from tile 0 and y from all.
+    problem = make_problem((3, 29), 45, 70, ranks, dtype)
+    check_backend_against_reference("triton", problem, dropout_p=dropout, training=dropout > 0, rng_seed=11)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_one_pass_forward_gives_the_two_kernel_y_and_t(dropout):
+    from msplora_kernels.triton_kernels import ops
+
+    x, w, bias = torch.randn(70, 50), torch.randn(90, 50) / 7, torch.randn(90)
+    a, b = torch.randn(50, 14) / 7, torch.randn(14, 90) * 0.2
+    seed = torch.tensor([77], dtype=torch.int64)
+    y, t = ops.shrink_expand_linear(x, w, bias, a, b, dropout, seed)
+    t_split = ops.shrink(x, a, dropout, seed)
+    torch.testing.assert_close(t, t_split, rtol=1e-5, atol=1e-5)  # the same mask, the same sums
+    torch.testing.assert_close(y, ops.expand_linear(x, w, bias, t_split, b), rtol=1e-5, atol=1e-5)
+    assert t.abs().sum() > 0 and y.abs().sum() > 0
+
+
+def test_one_pass_forward_is_not_used_above_its_rank_or_by_default(monkeypatch):
+    from msplora_kernels.triton_kernels import configs, ops
+
+    assert not configs.one_pass_forward(14)
+    monkeypatch.setenv("MSPLORA_TRITON_FORWARD", "onepass")
+    assert configs.one_pass_forward(configs.ONE_PASS_MAX_RANK) and not configs.one_pass_forward(configs.ONE_PASS_MAX_RANK + 1)
+    x, w, a, b = torch.randn(8, 16), torch.randn(12, 16), torch.randn(16, 40), torch.randn(40, 12)
+    with pytest.raises(ValueError, match=r"R <= 32, got a of shape \(16, 40\)"):
+        ops.shrink_expand_linear(x, w, None, a, b, 0.0, torch.tensor([1]))
+    # R = 40 above the limit: the layer still runs, on two kernels.
+    problem = make_problem((9,), 16, 12, (32, 8), torch.float32)
+    check_backend_against_reference("triton", problem)
+    monkeypatch.setenv("MSPLORA_TRITON_FORWARD", "fast")
+    with pytest.raises(ValueError, match="MSPLORA_TRITON_FORWARD='fast'"):
+        configs.one_pass_forward(14)
+
+
+def test_opcheck_schema_one_pass_forward():
+    x, w, bias = torch.randn(40, 24), torch.randn(20, 24), torch.randn(20)
+    a, b = torch.randn(24, 7), torch.randn(7, 20)
+    args = (x, w, bias, a, b, 0.3, torch.tensor([5], dtype=torch.int64))
+    torch.library.opcheck(torch.ops.msplora_triton.shrink_expand_linear, args, test_utils=("test_schema",))
+
+
+def test_one_pass_forward_op_differentiates_on_its_own():
+    # Its own autograd formula (for direct calls), against plain torch with the op's mask.
+    torch.manual_seed(4)
+    x, w, bias = torch.randn(33, 20), torch.randn(26, 20) / 5, torch.randn(26)
+    a, b = torch.randn(20, 11) / 5, torch.randn(11, 26) * 0.3
+    seed = torch.tensor([9], dtype=torch.int64)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, bias, a, b)]
+    y, t = torch.ops.msplora_triton.shrink_expand_linear(*leaves, 0.2, seed)
+    g_y, g_t = torch.randn_like(y), torch.randn_like(t)
+    got = torch.autograd.grad((y * g_y).sum() + (t * g_t).sum(), leaves)
+    mask = torch.ops.msplora_triton.dropout_mask(x, 0.2, seed)
+    ref = [u.clone().requires_grad_(True) for u in (x, w, bias, a, b)]
+    t_ref = (ref[0] * mask) @ ref[3]
+    y_ref = ref[0] @ ref[1].T + ref[2] + t_ref @ ref[4]
+    want = torch.autograd.grad((y_ref * g_y).sum() + (t_ref * g_t).sum(), ref)
+    for name, g, h in zip(("x", "weight", "bias", "a", "b"), got, want):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-4, msg=name)

@@ -64,6 +64,11 @@ def launch_variants(dtype: str):
                 for block_r in rank_blocks:
                     const = {**flags, **kw, "BLOCK_R": block_r, "DOT_PRECISION": prec}
                     out.append((name, fn, const, cfg.num_warps, cfg.num_stages, f"{name}/{prec}/R{block_r}"))
+            # The one-pass forward at its largest rank block, the one that needs the most memory.
+            const = {"HAS_BIAS": True, "HAS_DROPOUT": True, **kw, "BLOCK_R": configs.ONE_PASS_MAX_RANK,
+                     "DOT_PRECISION": prec}
+            out.append(("shrink_expand_linear", kernels.shrink_expand_linear_kernel, const, cfg.num_warps,
+                        cfg.num_stages, f"shrink_expand_linear/{prec}/R{configs.ONE_PASS_MAX_RANK}"))
         for block_r in rank_blocks:
             for dropout in (False, True):
                 for name, fn in (("shrink", kernels.shrink_kernel), ("grad_a", kernels.grad_a_kernel)):

@@ -17,6 +17,23 @@ def _wide(dtype) -> bool:
     return dtype == torch.float32
 
 
+FORWARD_ENV = "MSPLORA_TRITON_FORWARD"
+ONE_PASS_MAX_RANK = 32
+
+
+def one_pass_forward(total_rank: int) -> bool:
+    """Whether the forward runs as one kernel (shrink_expand_linear) instead of two.
+
+    Opt-in through $MSPLORA_TRITON_FORWARD=onepass until a GPU run has timed both: recomputing T
+    in every column tile costs N / BLOCK_N times the shrink's FLOPs, which pays only where the
+    saved launch and round trip of T matter (small widths), and R must fit one small rank block.
+    """
+    mode = os.environ.get(FORWARD_ENV, "split")
+    if mode not in ("split", "onepass"):
+        raise ValueError(f"msplora: ${FORWARD_ENV}={mode!r}; choose 'split' (two kernels) or 'onepass'")
+    return mode == "onepass" and total_rank <= ONE_PASS_MAX_RANK
+
+
 def rank_block(total_rank: int, dtype=None) -> int:
     """R padded to what tl.dot accepts (>= 16), one block up to 128 (64 in fp32), looped beyond."""
     return min(64 if _wide(dtype) else 128, max(16, triton.next_power_of_2(total_rank)))

@@ -25,8 +25,28 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 
 @triton.jit
+def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols):
+    # A (rows x cols) tile, zero outside the matrix, so ragged edges add nothing to a dot.
+    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, values, rows, cols, stride_row, stride_col, n_rows, n_cols):
+    # Rounded to the output's dtype once, here; nothing outside the matrix is written.
+    tl.store(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, values.to(ptr.dtype.element_ty),
+             mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
 def _keep(seed, rows, cols, K, p):
     return tl.rand(seed, rows[:, None] * K + cols[None, :]) >= p
+
+
+@triton.jit
+def _dropped(x, seed, rows, cols, K, p, keep_scale):
+    # Inverted dropout of an x tile, kept in x's dtype as the reference's dropout(x) is.
+    return tl.where(_keep(seed, rows, cols, K, p), x * keep_scale, 0.0).to(x.dtype)
 
 
 @triton.jit
@@ -45,15 +65,12 @@ def shrink_kernel(
         seed = tl.load(seed_ptr)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        x = _load_tile(x_ptr, rm, rk, stride_xm, stride_xk, M, K)
         if HAS_DROPOUT:
-            x = tl.where(_keep(seed, rm, rk, K, p), x * keep_scale, 0.0).to(x.dtype)
-        a = tl.load(a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
-                    mask=(rk[:, None] < K) & (rr[None, :] < R), other=0.0)
+            x = _dropped(x, seed, rm, rk, K, p, keep_scale)
+        a = _load_tile(a_ptr, rk, rr, stride_ak, stride_ar, K, R)
         acc += tl.dot(x, a, input_precision=DOT_PRECISION)
-    tl.store(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr, acc.to(t_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rr[None, :] < R))
+    _store_tile(t_ptr, acc, rm, rr, stride_tm, stride_tr, M, R)
 
 
 @triton.jit
@@ -72,22 +89,58 @@ def expand_linear_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
-                    mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        x = _load_tile(x_ptr, rm, rk, stride_xm, stride_xk, M, K)
+        w = _load_tile(w_ptr, rk, rn, stride_wk, stride_wn, K, N)
         acc += tl.dot(x, w, input_precision=DOT_PRECISION)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        t = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,
-                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        b = tl.load(b_ptr + rr[:, None] * stride_bn_r + rn[None, :] * stride_bn_n,
-                    mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
+        t = _load_tile(t_ptr, rm, rr, stride_tm, stride_tr, M, R)
+        b = _load_tile(b_ptr, rr, rn, stride_bn_r, stride_bn_n, R, N)
         acc += tl.dot(t, b, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    _store_tile(y_ptr, acc, rm, rn, stride_ym, stride_yn, M, N)
+
+
+@triton.jit
+def shrink_expand_linear_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, t_ptr, seed_ptr, M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ak, stride_ar, stride_bn_r, stride_bn_n,
+    stride_ym, stride_yn, stride_tm, stride_tr, p, keep_scale,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """K1 and K2 in one pass, for small widths: each output tile recomputes its rows of
+    T = dropout(x) @ A from the x tiles it loads anyway, so T never makes a round trip through
+    memory and the forward is one launch. Costs N / BLOCK_N times the shrink's FLOPs and Philox
+    draws; R must fit one rank block. Column-tile 0 writes T for the backward."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        x = _load_tile(x_ptr, rm, rk, stride_xm, stride_xk, M, K)
+        w = _load_tile(w_ptr, rk, rn, stride_wk, stride_wn, K, N)
+        acc += tl.dot(x, w, input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            x = _dropped(x, seed, rm, rk, K, p, keep_scale)
+        a = _load_tile(a_ptr, rk, rr, stride_ak, stride_ar, K, R)
+        acc_t += tl.dot(x, a, input_precision=DOT_PRECISION)
+    # T in the inputs' dtype, as the two-kernel path stores and reloads it.
+    t = acc_t.to(t_ptr.dtype.element_ty)
+    if pid_n == 0:
+        _store_tile(t_ptr, t, rm, rr, stride_tm, stride_tr, M, R)
+    b = _load_tile(b_ptr, rr, rn, stride_bn_r, stride_bn_n, R, N)
+    acc += tl.dot(t, b, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    _store_tile(y_ptr, acc, rm, rn, stride_ym, stride_yn, M, N)
 
 
 @triton.jit
@@ -100,21 +153,17 @@ def grad_t_b_kernel(
     """K3: one pass over dy gives dT = dy @ B^T and dB = T^T @ dy (dB accumulated in fp32)."""
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    t = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,
-                mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    t = _load_tile(t_ptr, rm, rr, stride_tm, stride_tr, M, R)
     t_trans = tl.trans(t)
     acc_dt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
-                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
-        b = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
-                    mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
+        dy = _load_tile(dy_ptr, rm, rn, stride_dym, stride_dyn, M, N)
+        b = _load_tile(b_ptr, rr, rn, stride_br, stride_bn, R, N)
         acc_dt += tl.dot(dy, tl.trans(b), input_precision=DOT_PRECISION)
         db = tl.dot(t_trans, dy, input_precision=DOT_PRECISION)
         tl.atomic_add(db_ptr + rr[:, None] * N + rn[None, :], db, mask=(rr[:, None] < R) & (rn[None, :] < N))
-    tl.store(dt_ptr + rm[:, None] * stride_dtm + rr[None, :] * stride_dtr, acc_dt.to(dt_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rr[None, :] < R))
+    _store_tile(dt_ptr, acc_dt, rm, rr, stride_dtm, stride_dtr, M, R)
 
 
 @triton.jit
@@ -133,22 +182,17 @@ def grad_x_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        dt = tl.load(dt_ptr + rm[:, None] * stride_dtm + rr[None, :] * stride_dtr,
-                     mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
-                    mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+        dt = _load_tile(dt_ptr, rm, rr, stride_dtm, stride_dtr, M, R)
+        a = _load_tile(a_ptr, rr, rk, stride_ar, stride_ak, R, K)
         acc += tl.dot(dt, a, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         acc = tl.where(_keep(tl.load(seed_ptr), rm, rk, K, p), acc * keep_scale, 0.0)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
-                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
-                    mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+        dy = _load_tile(dy_ptr, rm, rn, stride_dym, stride_dyn, M, N)
+        w = _load_tile(w_ptr, rn, rk, stride_wn, stride_wk, N, K)
         acc += tl.dot(dy, w, input_precision=DOT_PRECISION)
-    tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rk[None, :] < K))
+    _store_tile(dx_ptr, acc, rm, rk, stride_dxm, stride_dxk, M, K)
 
 
 @triton.jit
@@ -168,12 +212,10 @@ def grad_a_kernel(
         seed = tl.load(seed_ptr)
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm[:, None] < m_end) & (rk[None, :] < K), other=0.0)
+        x = _load_tile(x_ptr, rm, rk, stride_xm, stride_xk, m_end, K)
         if HAS_DROPOUT:
-            x = tl.where(_keep(seed, rm, rk, K, p), x * keep_scale, 0.0).to(x.dtype)
-        dt = tl.load(dt_ptr + rm[:, None] * stride_dtm + rr[None, :] * stride_dtr,
-                     mask=(rm[:, None] < m_end) & (rr[None, :] < R), other=0.0)
+            x = _dropped(x, seed, rm, rk, K, p, keep_scale)
+        dt = _load_tile(dt_ptr, rm, rr, stride_dtm, stride_dtr, m_end, R)
         acc += tl.dot(tl.trans(x), dt, input_precision=DOT_PRECISION)
     tl.atomic_add(da_ptr + rk[:, None] * R + rr[None, :], acc, mask=(rk[:, None] < K) & (rr[None, :] < R))
 
@@ -185,5 +227,4 @@ def dropout_mask_kernel(out_ptr, seed_ptr, M, K, p, keep_scale, BLOCK_M: tl.cons
     rk = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     keep = _keep(tl.load(seed_ptr), rm, rk, K, p)
     val = tl.where(keep, keep_scale, 0.0)
-    tl.store(out_ptr + rm[:, None] * K + rk[None, :], val.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rk[None, :] < K))
+    _store_tile(out_ptr, val, rm, rk, K, 1, M, K)

@@ -11,7 +11,8 @@ from torch.library import triton_op, wrap_triton
 from msplora_kernels.backends import BACKEND_DTYPES
 
 from . import kernels
-from .configs import gemm_configs, rank_block, skinny_tiles
+# one_pass_forward is re-exported: the autograd Function asks this op table which forward to run.
+from .configs import ONE_PASS_MAX_RANK, gemm_configs, one_pass_forward, rank_block, skinny_tiles  # noqa: F401
 
 SUPPORTED = BACKEND_DTYPES["triton"]
 
@@ -22,6 +23,7 @@ def _autotuned(kernel) -> dict:
 
 
 _EXPAND_LINEAR = _autotuned(kernels.expand_linear_kernel)
+_SHRINK_EXPAND_LINEAR = _autotuned(kernels.shrink_expand_linear_kernel)
 # In grad_x the output tile is (BLOCK_M, BLOCK_K) and BLOCK_N is the reduction step.
 _GRAD_X = _autotuned(kernels.grad_x_kernel)
 
@@ -84,6 +86,29 @@ def expand_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         HAS_BIAS=bias is not None, BLOCK_R=rank_block(R, x.dtype), DOT_PRECISION=_dot_precision(),
     )
     return y
+
+
+@triton_op("msplora_triton::shrink_expand_linear", mutates_args={})
+def shrink_expand_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                         b: torch.Tensor, p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """shrink then expand_linear in one kernel: (y, T). For R <= ONE_PASS_MAX_RANK (configs.py)."""
+    _check("shrink_expand_linear", x, weight, a, b)
+    M, K = x.shape
+    N, R = weight.shape[0], a.shape[1]
+    if R > ONE_PASS_MAX_RANK:
+        raise ValueError(f"msplora triton backend: shrink_expand_linear takes R <= {ONE_PASS_MAX_RANK}, got a of shape "
+                         f"{tuple(a.shape)}; use shrink and expand_linear")
+    y, t = x.new_empty((M, N)), x.new_empty((M, R))
+    if M == 0:
+        return y, t
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    wrap_triton(_SHRINK_EXPAND_LINEAR[x.dtype == torch.float32])[grid](
+        x, weight, bias if bias is not None else x, a, b, y, t, _seed_arg(p, seed, x), M, N, K, R,
+        *x.stride(), *weight.stride(), *a.stride(), *b.stride(), *y.stride(), *t.stride(), p, _keep_scale(p),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, BLOCK_R=max(16, triton.next_power_of_2(R)),
+        DOT_PRECISION=_dot_precision(),
+    )
+    return y, t
 
 
 @triton_op("msplora_triton::grad_t_b", mutates_args={})
@@ -158,9 +183,10 @@ def dropout_mask(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
 
 
 def _register_autograd():
-    from msplora_kernels.op_autograd import register
+    from msplora_kernels.op_autograd import register, register_shrink_expand_linear
 
     register("msplora_triton")
+    register_shrink_expand_linear("msplora_triton")
 
 
 _register_autograd()
