@@ -43,9 +43,13 @@ if want layers; then
   $PY bench/throughput.py --json "$OUT_DIR/$DEV-$DATE.json" --plot "$OUT_DIR/$DEV-$DATE.png" > "$LOG" 2>&1
   tail -14 "$LOG"
   # Into the same log (the device tool returns 8 files at most): CUDA-graph replays, whose gap to
-  # the eager run is CPU launch overhead, and a tiny layer, where that overhead is all there is.
+  # the eager run is CPU launch overhead, a tiny layer, where that overhead is all there is, and
+  # the opt-in one-pass Triton forward on the small-width case.
   { echo; echo "# --cuda-graphs"; $PY bench/throughput.py --cuda-graphs
     echo; echo "# launch overhead: tiny layer, 16 tokens"; $PY bench/throughput.py --cases tiny --tokens 16
+    echo; echo "# MSPLORA_TRITON_FORWARD=onepass (one forward kernel, R <= 32), eager then CUDA graphs"
+    MSPLORA_TRITON_FORWARD=onepass $PY bench/throughput.py --cases roberta-base --methods linear msplora
+    MSPLORA_TRITON_FORWARD=onepass $PY bench/throughput.py --cases roberta-base --methods linear msplora --cuda-graphs
   } >> "$LOG" 2>&1
   tail -24 "$LOG"
 fi

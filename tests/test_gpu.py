@@ -120,3 +120,21 @@ def test_autocast_follows_nn_linear(backend, dtype):
     torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
     y.float().square().mean().backward()
     assert layer.levels[0].A.grad.dtype == torch.float32 and torch.isfinite(layer.levels[0].A.grad).all()
+
+
+@pytest.mark.skipif("triton" not in CUDA_BACKENDS, reason="needs the triton backend")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_triton_one_pass_forward_real_sizes(monkeypatch, dtype, dropout):
+    # The opt-in single-kernel forward (MSPLORA_TRITON_FORWARD=onepass) at the RoBERTa-base shape
+    # and an odd one, and its op under opcheck's fake-tensor and AOT checks.
+    monkeypatch.setenv("MSPLORA_TRITON_FORWARD", "onepass")
+    for shape in [(8192, 768, 768, (8, 4, 2)), (777, 1000, 333, (7, 5, 3, 1))]:
+        tokens, k, n, ranks = shape
+        problem = make_problem((tokens,), k, n, ranks, dtype, device="cuda")
+        check_backend_against_reference("triton", problem, dropout_p=dropout, training=dropout > 0, rng_seed=5)
+    x, w, bias = (torch.randn(300, 256, device="cuda"), torch.randn(192, 256, device="cuda"),
+                  torch.randn(192, device="cuda"))
+    a, b = torch.randn(256, 14, device="cuda"), torch.randn(14, 192, device="cuda")
+    seed = torch.tensor([5], dtype=torch.int64, device="cuda")
+    torch.library.opcheck(torch.ops.msplora_triton.shrink_expand_linear, (x, w, bias, a, b, 0.3, seed))
