@@ -1,8 +1,9 @@
-// Counter-based dropout mask shared by the CPU and CUDA kernels.
+// Counter-based dropout mask shared by the CPU and CUDA kernels (and computed alike in Triton).
 //
 // The mask of element `index` of the logical (rows x cols) input is a pure
 // function of (seed, index), so the backward pass regenerates it instead of
-// storing it, and the CPU and CUDA backends draw identical masks.
+// storing it, and the CPU, CUDA and Triton backends draw identical masks (the Triton
+// kernels compute the same hash, triton_kernels/kernels.py: _keep).
 // Plain C++: this header must compile under nvcc without torch headers.
 #pragma once
 

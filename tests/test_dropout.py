@@ -64,3 +64,16 @@ def test_dropout_across_row_chunks(backend):
     # More rows than the CPU kernels' 1024-row chunk: the mask index must carry across chunks.
     problem = make_problem((2100,), 8, 6, (3, 1), precise_dtype(backend))
     check_backend_against_reference(backend, problem, dropout_p=0.3, training=True, rng_seed=11)
+
+
+def test_fused_backends_draw_the_same_mask():
+    # Triton hashes (seed, row*K + col) as the CPU and CUDA kernels do (csrc/dropout_hash.h), so a
+    # run is reproducible across backends; a K that is not a multiple of any block, several seeds.
+    fused = [b for b in BACKENDS if b in ("cpp", "triton")]
+    if len(fused) < 2:
+        pytest.skip(f"needs the cpp and triton backends, have {fused}")
+    x = torch.randn(70, 333)
+    for rng_seed in (0, 1, 2):
+        masks = {b: backend_mask(b, x, 0.25, rng_seed) for b in fused}
+        assert torch.equal(masks["cpp"], masks["triton"]), rng_seed
+        assert 0.7 < (masks["cpp"] != 0).double().mean() < 0.8

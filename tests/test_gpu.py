@@ -138,3 +138,20 @@ def test_triton_one_pass_forward_real_sizes(monkeypatch, dtype, dropout):
     a, b = torch.randn(256, 14, device="cuda"), torch.randn(14, 192, device="cuda")
     seed = torch.tensor([5], dtype=torch.int64, device="cuda")
     torch.library.opcheck(torch.ops.msplora_triton.shrink_expand_linear, (x, w, bias, a, b, 0.3, seed))
+
+
+@pytest.mark.skipif(not {"triton", "cuda"} <= set(CUDA_BACKENDS), reason="needs the triton and cuda backends")
+def test_triton_cuda_and_cpu_draw_the_same_mask():
+    # One hash (csrc/dropout_hash.h) in all three: compiled Triton must agree with the CUDA kernel
+    # and with the CPU one, bit for bit, for the same seed.
+    from msplora_kernels.backends import fused_op_table
+
+    x = torch.randn(3000, 777, device="cuda")
+    for seed in (0, 12345, 2**31 - 2):
+        s = torch.tensor([seed], dtype=torch.int64, device="cuda")
+        triton_mask = fused_op_table("triton").dropout_mask(x, 0.1, s)
+        cuda_mask = fused_op_table("cuda").dropout_mask(x, 0.1, s)
+        assert torch.equal(triton_mask, cuda_mask), seed
+        if "cpp" in mk.available_backends("cpu"):
+            cpu_mask = fused_op_table("cpp").dropout_mask(x.cpu(), 0.1, s.cpu())
+            assert torch.equal(cuda_mask.cpu(), cpu_mask), seed

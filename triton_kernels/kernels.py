@@ -3,8 +3,9 @@
 A is the levels' A factors side by side, scales folded in (K x R); B their B factors
 stacked (R x N). R = sum of the ranks is padded to BLOCK_R inside the kernels only.
 Offsets are int64, accumulation fp32. fp32 inputs multiply in IEEE fp32 unless torch allows
-TF32 (torch.backends.cuda.matmul.allow_tf32), so results agree with torch's own matmul. Dropout is Philox (tl.rand) on (seed, row*K + col),
-so the backward regenerates the mask and none is stored.
+TF32 (torch.backends.cuda.matmul.allow_tf32), so results agree with torch's own matmul. Dropout
+hashes (seed, row*K + col) as the CPU and CUDA kernels do (csrc/dropout_hash.h), so the backward
+regenerates the mask and none is stored, and every backend draws the same mask.
 """
 import triton
 import triton.language as tl
@@ -40,7 +41,14 @@ def _store_tile(ptr, values, rows, cols, stride_row, stride_col, n_rows, n_cols)
 
 @triton.jit
 def _keep(seed, rows, cols, K, p):
-    return tl.rand(seed, rows[:, None] * K + cols[None, :]) >= p
+    # csrc/dropout_hash.h's hash (splitmix64's finalizer over a Weyl sequence) of element
+    # row*K + col, so the Triton, CPU and CUDA backends draw the same mask. About 20 integer
+    # instructions an element, where tl.rand ran a whole Philox4x32-10 for each (about 90).
+    z = (rows[:, None] * K + cols[None, :]).to(tl.uint64) + seed.to(tl.uint64) * 0x9E3779B97F4A7C15
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    z = z ^ (z >> 31)
+    return (z >> 40).to(tl.float32) * (1.0 / 16777216.0) >= p
 
 
 @triton.jit
@@ -113,8 +121,8 @@ def shrink_expand_linear_kernel(
 ):
     """K1 and K2 in one pass, for small widths: each output tile recomputes its rows of
     T = dropout(x) @ A from the x tiles it loads anyway, so T never makes a round trip through
-    memory and the forward is one launch. Costs N / BLOCK_N times the shrink's FLOPs and Philox
-    draws; R must fit one rank block. Column-tile 0 writes T for the backward."""
+    memory and the forward is one launch. Costs N / BLOCK_N times the shrink's FLOPs and mask
+    hashes; R must fit one rank block. Column-tile 0 writes T for the backward."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
