@@ -47,9 +47,14 @@ if want layers; then
   # the opt-in one-pass Triton forward on the small-width case.
   { echo; echo "# --cuda-graphs"; $PY bench/throughput.py --cuda-graphs
     echo; echo "# launch overhead: tiny layer, 16 tokens"; $PY bench/throughput.py --cases tiny --tokens 16
-    echo; echo "# MSPLORA_TRITON_FORWARD=onepass (one forward kernel, R <= 32), eager then CUDA graphs"
-    MSPLORA_TRITON_FORWARD=onepass $PY bench/throughput.py --cases roberta-base --methods linear msplora
-    MSPLORA_TRITON_FORWARD=onepass $PY bench/throughput.py --cases roberta-base --methods linear msplora --cuda-graphs
+    # The one-pass forward recomputes the mask in every column tile, so it is timed with and
+    # without dropout, next to the two-kernel forward in the same conditions.
+    for mode in split onepass; do
+      for p in 0.05 0; do
+        echo; echo "# MSPLORA_TRITON_FORWARD=$mode, dropout $p"
+        MSPLORA_TRITON_FORWARD=$mode $PY bench/throughput.py --cases roberta-base --methods linear msplora --dropout $p
+      done
+    done
   } >> "$LOG" 2>&1
   tail -24 "$LOG"
 fi

@@ -25,8 +25,9 @@ def one_pass_forward(total_rank: int) -> bool:
     """Whether the forward runs as one kernel (shrink_expand_linear) instead of two.
 
     Opt-in through $MSPLORA_TRITON_FORWARD=onepass until a GPU run has timed both: recomputing T
-    in every column tile costs N / BLOCK_N times the shrink's FLOPs, which pays only where the
-    saved launch and round trip of T matter (small widths), and R must fit one small rank block.
+    in every column tile costs N / BLOCK_N times the shrink's FLOPs, and as many dropout-mask
+    hashes, which pays only where the saved launch and round trip of T matter (small widths, and
+    likely no dropout); R must fit one small rank block.
     """
     mode = os.environ.get(FORWARD_ENV, "split")
     if mode not in ("split", "onepass"):
