@@ -70,3 +70,21 @@ def test_naive_baseline_computes_msplora(tmp_path):
     y_naive = naive(x)
     assert (y_naive - naive.base(x)).abs().max() > 1e-3  # the adapter is not zero
     torch.testing.assert_close(y_naive, fused(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_floor_tiny(tmp_path):
+    out = tmp_path / "floor.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "gemm_floor.py"), "--case", "tiny", "--tokens", "64", "--repeats", "3",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["case"] == "tiny" and data["tokens"] == 64 and data["meta"]["device_name"]
+    timings = data["timings"]
+    assert {"frozen GEMMs", "frozen + adapter GEMMs", "msplora[cpp] dropout 0.05", "msplora_naive[-] dropout 0"} <= timings.keys()
+    assert all(t["median"] > 0 for t in timings.values())
+    for ratios in data["summary"].values():
+        floor = timings["frozen + adapter GEMMs"]["median"]
+        assert ratios["cpp_vs_gemm_floor"] > 0 and abs(ratios["gemm_floor_vs_naive"] * ratios["cpp_vs_gemm_floor"]
+                                                       - ratios["cpp_vs_naive"]) < 1e-9, (ratios, floor)
+    assert "GEMM floor / naive" in proc.stdout
