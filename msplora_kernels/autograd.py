@@ -37,7 +37,8 @@ def _as(t, dtype):
 
 
 def _build_scale_row(scales, ranks, device, dtype) -> torch.Tensor:
-    return torch.cat([torch.full((r,), s, dtype=dtype) for s, r in zip(scales, ranks)]).to(device)
+    # Filled on the device (no copy from host memory), so it may even be built inside a CUDA graph capture.
+    return torch.cat([torch.full((r,), s, dtype=dtype, device=device) for s, r in zip(scales, ranks)])
 
 
 _cached_scale_row = functools.lru_cache(maxsize=256)(_build_scale_row)
@@ -47,8 +48,7 @@ def _scale_row(scales, ranks, like: torch.Tensor) -> torch.Tensor:
     """Level i's scale repeated r_i times, (R,): one in-place multiply scales every level. fp32,
     or fp64 for fp64 factors, so that the scales are as exact as the factors.
 
-    Cached in eager, so that a GPU step makes no host-to-device copy; built in the graph under
-    torch.compile.
+    Cached in eager, so that a step launches nothing for it; built in the graph under torch.compile.
     """
     key = (scales, ranks, like.device, torch.float64 if like.dtype == torch.float64 else torch.float32)
     return _build_scale_row(*key) if torch.compiler.is_compiling() else _cached_scale_row(*key)
