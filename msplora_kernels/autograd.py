@@ -60,6 +60,8 @@ def _joined(As, Bs, row, dtype):
 
 
 def _split(grad, ranks, dim, dtypes):
+    if len(set(dtypes)) == 1:  # the usual case: one cast for all levels, then views
+        return list(_as(grad, dtypes[0]).split_with_sizes(ranks, dim=dim))
     return [_as(g, dtype) for g, dtype in zip(grad.split_with_sizes(ranks, dim=dim), dtypes)]
 
 
