@@ -41,7 +41,12 @@ def _build_scale_row(scales, ranks, device, dtype) -> torch.Tensor:
     return torch.cat([torch.full((r,), s, dtype=dtype, device=device) for s, r in zip(scales, ranks)])
 
 
-_cached_scale_row = functools.lru_cache(maxsize=256)(_build_scale_row)
+@functools.lru_cache(maxsize=256)
+def _cached_scale_row(scales, ranks, device, dtype) -> torch.Tensor:
+    # Never an inference tensor: one made under torch.inference_mode() could not be saved for
+    # backward by a later training call.
+    with torch.inference_mode(False):
+        return _build_scale_row(scales, ranks, device, dtype)
 
 
 def _scale_row(scales, ranks, like: torch.Tensor) -> torch.Tensor:

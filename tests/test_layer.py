@@ -148,3 +148,22 @@ def test_fp32_adapter_on_bf16_base():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert lvl.A.grad.dtype == torch.float32 and lvl.A.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_mode_then_training(backend):
+    # Evaluation under torch.inference_mode() first, as pipelines do, then a training step: nothing
+    # made or cached under inference mode may end up saved for backward.
+    torch.manual_seed(3)
+    layer = MSPLoraLinear(20, 12, ranks=(5, 3, 1), lora_alpha=12, dropout=0.1, backend=backend)
+    for lvl in layer.levels:
+        nn.init.normal_(lvl.B, std=0.3)
+    x = torch.randn(6, 20)
+    want = mk.msplora_linear_reference(x, layer.weight, layer.bias, [lvl.A for lvl in layer.levels],
+                                       [lvl.B for lvl in layer.levels], list(layer.scales))
+    with torch.inference_mode():
+        got = layer.eval()(x)
+    torch.testing.assert_close(got, want)
+    layer.train()
+    layer(x.clone().requires_grad_(True)).square().sum().backward()
+    assert all(lvl.A.grad is not None and lvl.A.grad.abs().sum() > 0 for lvl in layer.levels)
