@@ -105,7 +105,7 @@ def shrink_expand_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     wrap_triton(_SHRINK_EXPAND_LINEAR[x.dtype == torch.float32])[grid](
         x, weight, bias if bias is not None else x, a, b, y, t, _seed_arg(p, seed, x), M, N, K, R,
         *x.stride(), *weight.stride(), *a.stride(), *b.stride(), *y.stride(), *t.stride(), p, _keep_scale(p),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, BLOCK_R=max(16, triton.next_power_of_2(R)),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, BLOCK_R=rank_block(R, x.dtype),
         DOT_PRECISION=_dot_precision(),
     )
     return y, t
