@@ -53,7 +53,7 @@ at::Tensor shrink_cuda(const at::Tensor& x, const at::Tensor& a, double p, const
     // Split-K over in_features so that few rows still fill the GPU; fp32 atomics reduce.
     const int64_t split_k = splits_for(((M + 15) / 16) * ((R + 15) / 16), std::max<int64_t>(1, K / 256));
     C10_CUDA_CHECK(cuda::launch_shrink(dtype_of(x), xc.data_ptr(), ac.data_ptr(), t32.data_ptr<float>(),
-                                       seed_ptr(p, seed, x), M, K, R, static_cast<float>(p), split_k,
+                                       seed_ptr(p, seed, x), M, K, R, p, split_k,
                                        at::cuda::getCurrentCUDAStream()));
   }
   return t32.to(x.scalar_type());
@@ -100,7 +100,7 @@ at::Tensor grad_x_cuda(const at::Tensor& dy, const at::Tensor& weight, const at:
     const at::Tensor dtc = dt.contiguous(), ac = a.contiguous();
     C10_CUDA_CHECK(cuda::launch_masked_lora_dx(dtype_of(dy), dtc.data_ptr(), ac.data_ptr(), dx.data_ptr(),
                                                seed_ptr(p, seed, dy), dx.size(0), dx.size(1), a.size(1),
-                                               static_cast<float>(p), at::cuda::getCurrentCUDAStream()));
+                                               p, at::cuda::getCurrentCUDAStream()));
   }
   return dx;
 }
@@ -115,7 +115,7 @@ at::Tensor grad_a_cuda(const at::Tensor& x, const at::Tensor& dt, double p, cons
   if (M > 0 && K > 0) {
     const int64_t m_splits = splits_for(((K + 127) / 128) * ((R + 15) / 16), std::max<int64_t>(1, M / 256));
     C10_CUDA_CHECK(cuda::launch_grad_a_dropout(dtype_of(x), xc.data_ptr(), dtc.data_ptr(), da32.data_ptr<float>(),
-                                               seed_ptr(p, seed, x), M, K, R, static_cast<float>(p), m_splits,
+                                               seed_ptr(p, seed, x), M, K, R, p, m_splits,
                                                at::cuda::getCurrentCUDAStream()));
   }
   return da32.to(x.scalar_type());
@@ -128,7 +128,7 @@ at::Tensor dropout_mask_cuda(const at::Tensor& x, double p, const at::Tensor& se
   at::Tensor out = at::ones({x.size(0), x.size(1)}, x.options());
   if (p == 0.0 || out.numel() == 0) return out;
   C10_CUDA_CHECK(cuda::launch_dropout_mask(dtype_of(x), out.data_ptr(), seed_ptr(p, seed, x), x.size(0), x.size(1),
-                                           static_cast<float>(p), at::cuda::getCurrentCUDAStream()));
+                                           p, at::cuda::getCurrentCUDAStream()));
   return out;
 }
 

@@ -259,19 +259,21 @@ __global__ void dropout_mask_kernel(T* __restrict__ out, const int64_t* seed_ptr
   }
 }
 
-float keep_scale_of(float p) { return 1.0f / (1.0f - p); }
+// In double from the user's p, as the CPU and Triton kernels compute it, so all scale alike.
+float keep_scale_of(double p) { return static_cast<float>(1.0 / (1.0 - p)); }
 
 }  // namespace
 
 cudaError_t launch_shrink(DType dtype, const void* x, const void* a, float* t32, const int64_t* seed, int64_t M,
-                          int64_t K, int64_t R, float p, int64_t split_k, cudaStream_t stream) {
+                          int64_t K, int64_t R, double p, int64_t split_k, cudaStream_t stream) {
   const int64_t k_chunk = ceil_div(ceil_div(K, split_k), 32) * 32;
   const dim3 grid(static_cast<unsigned>(ceil_div(M, SHRINK_WARPS * SHRINK_ROWS)),
                   static_cast<unsigned>(ceil_div(K, k_chunk)), static_cast<unsigned>(ceil_div(R, RANK_TILE)));
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     shrink_kernel<T><<<grid, SHRINK_WARPS * 32, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(a), t32,
-                                                              seed, M, K, R, k_chunk, p, keep_scale_of(p));
+                                                              seed, M, K, R, k_chunk, static_cast<float>(p),
+                                                              keep_scale_of(p));
   });
 }
 
@@ -288,34 +290,37 @@ cudaError_t launch_grad_t_b(DType dtype, const void* dy, const void* t, const vo
 }
 
 cudaError_t launch_masked_lora_dx(DType dtype, const void* dt, const void* a, void* dx, const int64_t* seed, int64_t M,
-                                  int64_t K, int64_t R, float p, cudaStream_t stream) {
+                                  int64_t K, int64_t R, double p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(M, LDX_ROWS)), static_cast<unsigned>(ceil_div(K, LDX_COLS)));
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     masked_lora_dx_kernel<T><<<grid, LDX_COLS, 0, stream>>>(static_cast<const T*>(dt), static_cast<const T*>(a),
-                                                             static_cast<T*>(dx), seed, M, K, R, p, keep_scale_of(p));
+                                                             static_cast<T*>(dx), seed, M, K, R, static_cast<float>(p),
+                                                             keep_scale_of(p));
   });
 }
 
 cudaError_t launch_grad_a_dropout(DType dtype, const void* x, const void* dt, float* da32, const int64_t* seed,
-                                  int64_t M, int64_t K, int64_t R, float p, int64_t m_splits, cudaStream_t stream) {
+                                  int64_t M, int64_t K, int64_t R, double p, int64_t m_splits, cudaStream_t stream) {
   const int64_t m_chunk = ceil_div(ceil_div(M, m_splits), GA_ROWS) * GA_ROWS;
   const dim3 grid(static_cast<unsigned>(ceil_div(K, GA_COLS)), static_cast<unsigned>(ceil_div(M, m_chunk)),
                   static_cast<unsigned>(ceil_div(R, RANK_TILE)));
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     grad_a_dropout_kernel<T><<<grid, GA_COLS, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(dt), da32,
-                                                            seed, M, K, R, m_chunk, p, keep_scale_of(p));
+                                                            seed, M, K, R, m_chunk, static_cast<float>(p),
+                                                            keep_scale_of(p));
   });
 }
 
-cudaError_t launch_dropout_mask(DType dtype, void* out, const int64_t* seed, int64_t M, int64_t K, float p,
+cudaError_t launch_dropout_mask(DType dtype, void* out, const int64_t* seed, int64_t M, int64_t K, double p,
                                 cudaStream_t stream) {
   const int64_t n = M * K;
   const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, 256), 65535)));
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    dropout_mask_kernel<T><<<blocks, 256, 0, stream>>>(static_cast<T*>(out), seed, n, p, keep_scale_of(p));
+    dropout_mask_kernel<T><<<blocks, 256, 0, stream>>>(static_cast<T*>(out), seed, n, static_cast<float>(p),
+                                                        keep_scale_of(p));
   });
 }
 
