@@ -45,7 +45,7 @@ def _gxx_major() -> int:
 
 
 pytestmark = [
-    pytest.mark.skipif(_gxx_major() < 12, reason="needs g++ 12 or newer (C++20 <barrier>, _Float16)"),
+    pytest.mark.skipif(_gxx_major() < 12, reason="needs g++ 12 or newer (_Float16 stands in for __half)"),
     pytest.mark.skipif("cpp" not in available_backends("cpu"), reason="the cpp backend draws the reference mask"),
 ]
 
@@ -58,7 +58,7 @@ def emu(tmp_path_factory):
     assert launches == source.count("<<<") > 0, "a kernel launch that the rewrite does not recognize"
     (tmp / "msplora_kernels.cpp").write_text(rewritten)
     lib = tmp / "emulated_kernels.so"
-    cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Werror",
+    cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
            f"-I{EMULATOR}", f"-I{SOURCE.parent}", f"-I{ROOT / 'csrc'}",
            str(tmp / "msplora_kernels.cpp"), str(EMULATOR / "bindings.cpp"), "-o", str(lib)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
