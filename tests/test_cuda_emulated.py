@@ -1,29 +1,22 @@
 """The CUDA kernels (csrc/cuda/msplora_kernels.cu) run on the CPU, without a GPU.
 
-g++ compiles the .cu against the test-only CUDA headers in tests/cuda_emulator/, which run
-each block's threads as fibers that meet at barriers for __syncthreads and the warp shuffles;
-the test rewrites the `<<<...>>>` launches into calls. Each launcher's contract (kernels.h) is
+g++ compiles the .cu (its launches rewritten into calls by tests/cuda_emulation.py) against the
+test-only CUDA headers in tests/cuda_emulator/, which run each block's threads as fibers that
+meet at barriers for __syncthreads and the warp shuffles. Each launch function's contract (kernels.h) is
 checked against float64 on odd shapes, in every dtype, with and without dropout, and at several
 split counts. Every buffer sits between guards: NaN around inputs, so that a read past the end
 poisons the result, and a finite sentinel around outputs, so that a write or an atomic add past
 the end changes it. The dropout mask must equal the cpp backend's, bit for bit.
 """
 import ctypes
-import re
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-from msplora_kernels import available_backends
+from cuda_emulation import EMULATOR, INCLUDES, kernels_as_cpp, requirements
 from msplora_kernels.backends import fused_op_table
 
-ROOT = Path(__file__).resolve().parents[1]
-EMULATOR = ROOT / "tests" / "cuda_emulator"
-SOURCE = ROOT / "csrc" / "cuda" / "msplora_kernels.cu"
-LAUNCH = re.compile(r"(\w+<T>)<<<(.+?)>>>\(")
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DTYPES = list(DTYPE_CODE)
 GUARD = 64
@@ -35,32 +28,15 @@ SIGNATURES = {
     "emu_grad_a_dropout": [INT, PTR, PTR, PTR, PTR, I64, I64, I64, F64, I64],
     "emu_dropout_mask": [INT, PTR, PTR, I64, I64, F64],
 }
-
-
-def _gxx_major() -> int:
-    if shutil.which("g++") is None:
-        return 0
-    out = subprocess.run(["g++", "-dumpfullversion"], capture_output=True, text=True).stdout
-    return int(out.split(".")[0] or 0)
-
-
-pytestmark = [
-    pytest.mark.skipif(_gxx_major() < 12, reason="needs g++ 12 or newer (_Float16 stands in for __half)"),
-    pytest.mark.skipif("cpp" not in available_backends("cpu"), reason="the cpp backend draws the reference mask"),
-]
+pytestmark = requirements()
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cuda_emulator")
-    source = SOURCE.read_text()
-    rewritten, launches = LAUNCH.subn(r"::emu::launch(\1, \2, ", source)
-    assert launches == source.count("<<<") > 0, "a kernel launch that the rewrite does not recognize"
-    (tmp / "msplora_kernels.cpp").write_text(rewritten)
     lib = tmp / "emulated_kernels.so"
     cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
-           f"-I{EMULATOR}", f"-I{SOURCE.parent}", f"-I{ROOT / 'csrc'}",
-           str(tmp / "msplora_kernels.cpp"), str(EMULATOR / "bindings.cpp"), "-o", str(lib)]
+           *[f"-I{p}" for p in INCLUDES], str(kernels_as_cpp(tmp)), str(EMULATOR / "bindings.cpp"), "-o", str(lib)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     handle = ctypes.CDLL(str(lib))

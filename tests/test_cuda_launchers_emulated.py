@@ -1,0 +1,113 @@
+"""The CUDA backend's launchers (csrc/cuda/msplora_cuda.cpp) on CPU tensors, against the cpp backend.
+
+The launchers are compiled with the emulated kernels (tests/cuda_emulation.py) and stand-ins for
+the three ATen/c10 CUDA headers they use (device properties, stream, device guard), and
+registered as torch.ops.msplora_emulated_cuda. Their big GEMMs then run on ATen's CPU GEMMs
+instead of cuBLAS; the rest is the code a GPU runs: argument checks, contiguity, split counts (for
+an H100's 132 SMs), fp32 accumulators and their casts, the p = 0 paths and empty inputs. Each op is
+compared with the cpp backend's, which the other tests hold to the reference.
+"""
+import pytest
+import torch
+
+from cuda_emulation import INCLUDES, NAMESPACE, kernels_as_cpp, launchers_as_cpp, requirements
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+pytestmark = requirements()
+
+
+@pytest.fixture(scope="module")
+def cuda_ops(tmp_path_factory):
+    from torch.utils.cpp_extension import load
+
+    tmp = tmp_path_factory.mktemp("cuda_launchers")
+    load(name=NAMESPACE, sources=[str(kernels_as_cpp(tmp)), str(launchers_as_cpp(tmp))],
+         extra_include_paths=[str(p) for p in INCLUDES], extra_cflags=["-O1", "-Wno-unknown-pragmas"],
+         build_directory=str(tmp), is_python_module=False, verbose=False)
+    return getattr(torch.ops, NAMESPACE)
+
+
+@pytest.fixture
+def cpp_ops():
+    return torch.ops.msplora
+
+
+def _rand(*shape, dtype, column_major=False):
+    t = torch.randn(*reversed(shape)).t() if column_major else torch.randn(*shape)
+    return t.to(dtype)
+
+
+def _seed():
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+
+def _assert_close(got, want, name):
+    assert (got.shape, got.dtype) == (want.shape, want.dtype), f"{name}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
+    # Both round an fp32 sum of the same terms once; the order of the terms differs.
+    tol = max(2 * torch.finfo(got.dtype).eps, 1e-5)
+    scale = want.abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * (1 + scale), msg=lambda m: f"{name}: {m}")
+
+
+# (M, K, R): split-K of 2 at K = 600 (K / 256 bounds it), seven rank tiles at R = 112, no rows.
+SHRINK_SHAPES = [(37, 600, 21), (5, 64, 112), (0, 64, 14)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("M,K,R", SHRINK_SHAPES)
+@pytest.mark.parametrize("column_major", [False, True])
+def test_shrink(cuda_ops, cpp_ops, dtype, p, M, K, R, column_major):
+    x, a, seed = _rand(M, K, dtype=dtype, column_major=column_major), _rand(K, R, dtype=dtype), _seed()
+    _assert_close(cuda_ops.shrink(x, a, p, seed), cpp_ops.shrink(x, a, p, seed), "T")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("M,K,N,R", [(37, 70, 50, 21), (0, 16, 12, 14)])
+def test_expand_linear(cuda_ops, cpp_ops, dtype, bias, M, K, N, R):
+    x, weight = _rand(M, K, dtype=dtype), _rand(N, K, dtype=dtype)
+    t, b = _rand(M, R, dtype=dtype), _rand(R, N, dtype=dtype)
+    bias_t = _rand(N, dtype=dtype) if bias else None
+    _assert_close(cuda_ops.expand_linear(x, weight, bias_t, t, b), cpp_ops.expand_linear(x, weight, bias_t, t, b), "y")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,R", [(300, 1100, 21), (37, 70, 40), (0, 64, 14)])  # 2 column splits at N = 1100
+def test_grad_t_b(cuda_ops, cpp_ops, dtype, M, N, R):
+    dy, t, b = _rand(M, N, dtype=dtype, column_major=True), _rand(M, R, dtype=dtype), _rand(R, N, dtype=dtype)
+    (dt, db), (want_dt, want_db) = cuda_ops.grad_t_b(dy, t, b), cpp_ops.grad_t_b(dy, t, b)
+    _assert_close(dt, want_dt, "dT")
+    _assert_close(db, want_db, "dB")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("M,K,N,R", [(37, 70, 50, 21), (20, 300, 64, 40), (0, 16, 12, 14)])
+def test_grad_x(cuda_ops, cpp_ops, dtype, p, M, K, N, R):
+    dy, weight = _rand(M, N, dtype=dtype), _rand(N, K, dtype=dtype)
+    dt, a, seed = _rand(M, R, dtype=dtype, column_major=True), _rand(K, R, dtype=dtype), _seed()
+    _assert_close(cuda_ops.grad_x(dy, weight, dt, a, p, seed), cpp_ops.grad_x(dy, weight, dt, a, p, seed), "dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("M,K,R", [(600, 70, 21), (37, 300, 40), (0, 16, 14)])  # 2 row splits at M = 600
+def test_grad_a(cuda_ops, cpp_ops, dtype, p, M, K, R):
+    x, dt, seed = _rand(M, K, dtype=dtype), _rand(M, R, dtype=dtype, column_major=True), _seed()
+    _assert_close(cuda_ops.grad_a(x, dt, p, seed), cpp_ops.grad_a(x, dt, p, seed), "dA")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.25, 0.9])
+def test_dropout_mask_equals_cpp_bit_for_bit(cuda_ops, cpp_ops, dtype, p):
+    x, seed = _rand(37, 70, dtype=dtype), _seed()
+    got, want = cuda_ops.dropout_mask(x, p, seed), cpp_ops.dropout_mask(x, p, seed)
+    assert got.dtype == want.dtype and torch.equal(got, want), f"{(got != want).sum().item()} elements differ"
+
+
+def test_argument_checks_raise(cuda_ops):
+    x, a = torch.randn(4, 16), torch.randn(15, 3)
+    with pytest.raises(RuntimeError, match="mismatch"):
+        cuda_ops.shrink(x, a, 0.0, _seed())
