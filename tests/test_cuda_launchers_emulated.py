@@ -43,7 +43,8 @@ def _seed():
 
 
 def _assert_close(got, want, name):
-    assert (got.shape, got.dtype) == (want.shape, want.dtype), f"{name}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
+    got_kind, want_kind = (got.shape, got.dtype), (want.shape, want.dtype)
+    assert got_kind == want_kind, f"{name}: {got_kind} vs {want_kind}"
     # Both round an fp32 sum of the same terms once; the order of the terms differs.
     tol = max(2 * torch.finfo(got.dtype).eps, 1e-5)
     scale = want.abs().max().item() if want.numel() else 0.0
