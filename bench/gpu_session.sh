@@ -55,6 +55,12 @@ if want layers; then
         MSPLORA_TRITON_FORWARD=$mode $PY bench/throughput.py --cases roberta-base --methods linear msplora --dropout $p
       done
     done
+    # The cuda backend's rank-R products on our CUDA-core kernels against cuBLAS plus a mask
+    # kernel (the default switches at R > 64; msplora_cuda.cpp has the prediction).
+    for mode in kernels cublas; do
+      echo; echo "# MSPLORA_CUDA_SKINNY=$mode"
+      MSPLORA_CUDA_SKINNY=$mode $PY bench/throughput.py --methods linear msplora_naive msplora
+    done
   } >> "$LOG" 2>&1
   tail -24 "$LOG"
 fi

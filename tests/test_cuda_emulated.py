@@ -26,6 +26,7 @@ SIGNATURES = {
     "emu_grad_t_b": [INT, PTR, PTR, PTR, PTR, PTR, I64, I64, I64, I64],
     "emu_masked_lora_dx": [INT, PTR, PTR, PTR, PTR, I64, I64, I64, F64],
     "emu_grad_a_dropout": [INT, PTR, PTR, PTR, PTR, I64, I64, I64, F64, I64],
+    "emu_apply_dropout": [INT, PTR, PTR, PTR, I64, I64, F64],
     "emu_dropout_mask": [INT, PTR, PTR, I64, I64, F64],
 }
 pytestmark = requirements()
@@ -165,6 +166,23 @@ def test_dropout_mask_equals_cpp_bit_for_bit(emu, dtype, p, M, K):
     out.assert_guards_intact("mask")
     want = fused_op_table("cpp").dropout_mask(torch.empty(M, K, dtype=dtype), p, seed)
     assert torch.equal(out.value, want), f"{(out.value != want).sum().item()} of {M * K} mask elements differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.9])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_apply_dropout(emu, dtype, p, in_place):
+    M, K = 37, 70
+    x = _rand(M, K, dtype=dtype)
+    out = x if in_place else Guarded(torch.zeros(M, K, dtype=dtype), fill=OUTPUT_SENTINEL)
+    seed, seed_ptr = _seed(p)
+    # The kernel multiplies in fp32 by the fp32 keep scale and rounds once, as the cpp backend does.
+    keep = _keep(M, K, p, seed) != 0
+    want = (x.value.float() * keep * torch.tensor(1 / (1 - p), dtype=torch.float32)).to(dtype)
+    assert emu.emu_apply_dropout(DTYPE_CODE[dtype], x.ptr, out.ptr, seed_ptr, M, K, p) == 0
+    if not in_place:
+        out.assert_guards_intact("out")
+    assert torch.equal(out.value, want), f"{(out.value != want).sum().item()} of {M * K} elements differ"
 
 
 def test_guards_catch_a_write_past_the_end(emu):

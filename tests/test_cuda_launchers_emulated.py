@@ -2,10 +2,11 @@
 
 The launchers are compiled with the emulated kernels (tests/cuda_emulation.py) and stand-ins for
 the three ATen/c10 CUDA headers they use (device properties, stream, device guard), and
-registered as torch.ops.msplora_emulated_cuda. Their big GEMMs then run on ATen's CPU GEMMs
-instead of cuBLAS; the rest is the code a GPU runs: argument checks, contiguity, split counts (for
-an H100's 132 SMs), fp32 accumulators and their casts, the p = 0 paths and empty inputs. Each op is
-compared with the cpp backend's, which the other tests hold to the reference.
+registered as torch.ops.msplora_emulated_cuda. Their GEMMs then run on ATen's CPU GEMMs instead
+of cuBLAS; the rest is the code a GPU runs: argument checks, contiguity, split counts (for an
+H100's 132 SMs), fp32 accumulators and their casts, the p = 0 paths, empty inputs, and both ways
+of computing the rank-R products ($MSPLORA_CUDA_SKINNY: our kernels, or cuBLAS plus a mask
+kernel). Each op is compared with the cpp backend's, which the other tests hold to the reference.
 """
 import pytest
 import torch
@@ -33,6 +34,13 @@ def cpp_ops():
     return torch.ops.msplora
 
 
+@pytest.fixture(params=["auto", "kernels", "cublas"])
+def skinny(request, monkeypatch):
+    """Each way the launchers can compute the rank-R products ($MSPLORA_CUDA_SKINNY)."""
+    monkeypatch.setenv("MSPLORA_CUDA_SKINNY", request.param)
+    return request.param
+
+
 def _rand(*shape, dtype, column_major=False):
     t = torch.randn(*reversed(shape)).t() if column_major else torch.randn(*shape)
     return t.to(dtype)
@@ -51,7 +59,8 @@ def _assert_close(got, want, name):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * (1 + scale), msg=lambda m: f"{name}: {m}")
 
 
-# (M, K, R): split-K of 2 at K = 600 (K / 256 bounds it), seven rank tiles at R = 112, no rows.
+# (M, K, R): split-K of 2 at K = 600 (K / 256 bounds it), seven rank tiles at R = 112 (where
+# "auto" takes cuBLAS), no rows.
 SHRINK_SHAPES = [(37, 600, 21), (5, 64, 112), (0, 64, 14)]
 
 
@@ -59,7 +68,7 @@ SHRINK_SHAPES = [(37, 600, 21), (5, 64, 112), (0, 64, 14)]
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("M,K,R", SHRINK_SHAPES)
 @pytest.mark.parametrize("column_major", [False, True])
-def test_shrink(cuda_ops, cpp_ops, dtype, p, M, K, R, column_major):
+def test_shrink(cuda_ops, cpp_ops, skinny, dtype, p, M, K, R, column_major):
     x, a, seed = _rand(M, K, dtype=dtype, column_major=column_major), _rand(K, R, dtype=dtype), _seed()
     _assert_close(cuda_ops.shrink(x, a, p, seed), cpp_ops.shrink(x, a, p, seed), "T")
 
@@ -75,8 +84,8 @@ def test_expand_linear(cuda_ops, cpp_ops, dtype, bias, M, K, N, R):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("M,N,R", [(300, 1100, 21), (37, 70, 40), (0, 64, 14)])  # 2 column splits at N = 1100
-def test_grad_t_b(cuda_ops, cpp_ops, dtype, M, N, R):
+@pytest.mark.parametrize("M,N,R", [(300, 1100, 21), (37, 70, 112), (0, 64, 14)])  # 2 column splits at N = 1100
+def test_grad_t_b(cuda_ops, cpp_ops, skinny, dtype, M, N, R):
     dy, t, b = _rand(M, N, dtype=dtype, column_major=True), _rand(M, R, dtype=dtype), _rand(R, N, dtype=dtype)
     (dt, db), (want_dt, want_db) = cuda_ops.grad_t_b(dy, t, b), cpp_ops.grad_t_b(dy, t, b)
     _assert_close(dt, want_dt, "dT")
@@ -85,8 +94,8 @@ def test_grad_t_b(cuda_ops, cpp_ops, dtype, M, N, R):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("M,K,N,R", [(37, 70, 50, 21), (20, 300, 64, 40), (0, 16, 12, 14)])
-def test_grad_x(cuda_ops, cpp_ops, dtype, p, M, K, N, R):
+@pytest.mark.parametrize("M,K,N,R", [(37, 70, 50, 21), (20, 300, 64, 112), (0, 16, 12, 14)])
+def test_grad_x(cuda_ops, cpp_ops, skinny, dtype, p, M, K, N, R):
     dy, weight = _rand(M, N, dtype=dtype), _rand(N, K, dtype=dtype)
     dt, a, seed = _rand(M, R, dtype=dtype, column_major=True), _rand(K, R, dtype=dtype), _seed()
     _assert_close(cuda_ops.grad_x(dy, weight, dt, a, p, seed), cpp_ops.grad_x(dy, weight, dt, a, p, seed), "dx")
@@ -94,8 +103,8 @@ def test_grad_x(cuda_ops, cpp_ops, dtype, p, M, K, N, R):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("M,K,R", [(600, 70, 21), (37, 300, 40), (0, 16, 14)])  # 2 row splits at M = 600
-def test_grad_a(cuda_ops, cpp_ops, dtype, p, M, K, R):
+@pytest.mark.parametrize("M,K,R", [(600, 70, 21), (37, 300, 112), (0, 16, 14)])  # 2 row splits at M = 600
+def test_grad_a(cuda_ops, cpp_ops, skinny, dtype, p, M, K, R):
     x, dt, seed = _rand(M, K, dtype=dtype), _rand(M, R, dtype=dtype, column_major=True), _seed()
     _assert_close(cuda_ops.grad_a(x, dt, p, seed), cpp_ops.grad_a(x, dt, p, seed), "dA")
 
@@ -106,6 +115,12 @@ def test_dropout_mask_equals_cpp_bit_for_bit(cuda_ops, cpp_ops, dtype, p):
     x, seed = _rand(37, 70, dtype=dtype), _seed()
     got, want = cuda_ops.dropout_mask(x, p, seed), cpp_ops.dropout_mask(x, p, seed)
     assert got.dtype == want.dtype and torch.equal(got, want), f"{(got != want).sum().item()} elements differ"
+
+
+def test_unknown_skinny_mode_raises(cuda_ops, monkeypatch):
+    monkeypatch.setenv("MSPLORA_CUDA_SKINNY", "tensorcores")
+    with pytest.raises(RuntimeError, match="choose auto, kernels or cublas"):
+        cuda_ops.shrink(torch.randn(4, 16), torch.randn(16, 3), 0.0, _seed())
 
 
 def test_argument_checks_raise(cuda_ops):

@@ -1,6 +1,10 @@
 // CUDA launchers of the msplora ops: the big GEMMs go to cuBLAS through ATen
 // (the LoRA expand and the LoRA dx term accumulate into the base GEMM's output
-// with beta = 1), the skinny and masked parts to our kernels in msplora_kernels.cu.
+// with beta = 1), the skinny and masked parts to our kernels in msplora_kernels.cu,
+// or, at large total rank, the skinny products to cuBLAS too (skinny_on_cublas).
+#include <cstdlib>
+#include <cstring>
+
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -43,11 +47,44 @@ at::Tensor fp32_zeros(int64_t rows, int64_t cols, const at::Tensor& like) {
   return at::zeros({rows, cols}, like.options().dtype(at::kFloat));
 }
 
+// Whether the rank-R products go to cuBLAS (tensor cores), our kernels then only applying the
+// mask, instead of to our fused kernels, which do R fp32 FMAs per element on CUDA cores and read
+// their input once per 16 ranks. Predicted from H100 rates (67 TFLOP/s fp32, 3.35 TB/s), not yet
+// timed: in bf16 our kernels turn compute-bound near R = 20, and at R = 112 cost about 5-7 passes'
+// worth of time over x or dy, against 2-4 passes for cuBLAS plus a separate mask pass; up to
+// R = 64 they stay within that. $MSPLORA_CUDA_SKINNY=kernels or =cublas forces one way.
+constexpr int64_t kMaxKernelRank = 64;
+
+bool skinny_on_cublas(int64_t R) {
+  const char* mode = std::getenv("MSPLORA_CUDA_SKINNY");
+  if (mode == nullptr || std::strcmp(mode, "auto") == 0) return R > kMaxKernelRank;
+  if (std::strcmp(mode, "cublas") == 0) return true;
+  TORCH_CHECK(std::strcmp(mode, "kernels") == 0, "msplora: $MSPLORA_CUDA_SKINNY=", mode,
+              "; choose auto, kernels or cublas");
+  return false;
+}
+
+// dropout(x) into out, which may be x itself. Both contiguous, of the same shape and dtype.
+void apply_dropout(const at::Tensor& x, at::Tensor& out, double p, const at::Tensor& seed) {
+  if (out.numel() == 0) return;
+  C10_CUDA_CHECK(cuda::launch_apply_dropout(dtype_of(x), x.data_ptr(), out.data_ptr(), seed_ptr(p, seed, x),
+                                            x.size(0), x.size(1), p, at::cuda::getCurrentCUDAStream()));
+}
+
+// x itself without dropout, else a masked copy.
+at::Tensor dropped(const at::Tensor& xc, double p, const at::Tensor& seed) {
+  if (p == 0.0) return xc;
+  at::Tensor out = at::empty_like(xc);
+  apply_dropout(xc, out, p, seed);
+  return out;
+}
+
 at::Tensor shrink_cuda(const at::Tensor& x, const at::Tensor& a, double p, const at::Tensor& seed) {
   check_shrink_args(x, a, p, seed);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), ac = a.contiguous();
   const int64_t M = x.size(0), K = x.size(1), R = a.size(1);
+  if (skinny_on_cublas(R)) return at::mm(dropped(xc, p, seed), ac);
   at::Tensor t32 = fp32_zeros(M, R, x);
   if (M > 0 && K > 0) {
     // Split-K over in_features so that few rows still fill the GPU; fp32 atomics reduce.
@@ -78,6 +115,7 @@ std::tuple<at::Tensor, at::Tensor> grad_t_b_cuda(const at::Tensor& dy, const at:
   const c10::cuda::CUDAGuard guard(dy.device());
   const at::Tensor dyc = dy.contiguous(), tc = t.contiguous(), bc = b.contiguous();
   const int64_t M = dy.size(0), N = dy.size(1), R = b.size(0);
+  if (skinny_on_cublas(R)) return {at::mm(dyc, bc.t()), at::mm(tc.t(), dyc)};
   at::Tensor dt32 = fp32_zeros(M, R, dy), db32 = fp32_zeros(R, N, dy);
   if (M > 0 && N > 0) {
     const int64_t n_splits = splits_for(((M + 127) / 128) * ((R + 15) / 16), std::max<int64_t>(1, N / 512));
@@ -92,6 +130,13 @@ at::Tensor grad_x_cuda(const at::Tensor& dy, const at::Tensor& weight, const at:
                        double p, const at::Tensor& seed) {
   check_grad_x_args(dy, weight, dt, a, p, seed);
   const c10::cuda::CUDAGuard guard(dy.device());
+  if (p > 0.0 && skinny_on_cublas(a.size(1))) {
+    // As on the CPU: the LoRA term first, masked in place, then cuBLAS accumulates dy @ weight into it.
+    at::Tensor dx = at::mm(dt, a.t());
+    apply_dropout(dx, dx, p, seed);
+    dx.addmm_(dy, weight);
+    return dx;
+  }
   at::Tensor dx = at::mm(dy, weight);
   if (p == 0.0) {
     dx.addmm_(dt, a.t());  // beta = 1 into the cuBLAS output
@@ -111,6 +156,7 @@ at::Tensor grad_a_cuda(const at::Tensor& x, const at::Tensor& dt, double p, cons
   if (p == 0.0) return at::mm(x.t(), dt);
   const at::Tensor xc = x.contiguous(), dtc = dt.contiguous();
   const int64_t M = x.size(0), K = x.size(1), R = dt.size(1);
+  if (skinny_on_cublas(R)) return at::mm(dropped(xc, p, seed).t(), dtc);
   at::Tensor da32 = fp32_zeros(K, R, x);
   if (M > 0 && K > 0) {
     const int64_t m_splits = splits_for(((K + 127) / 128) * ((R + 15) / 16), std::max<int64_t>(1, M / 256));
