@@ -155,3 +155,13 @@ def test_triton_cuda_and_cpu_draw_the_same_mask():
         if "cpp" in mk.available_backends("cpu"):
             cpu_mask = fused_op_table("cpp").dropout_mask(x.cpu(), 0.1, s.cpu())
             assert torch.equal(cuda_mask.cpu(), cpu_mask), seed
+
+
+@pytest.mark.skipif("cuda" not in CUDA_BACKENDS, reason="needs the cuda backend")
+@pytest.mark.parametrize("skinny", ["kernels", "cublas"])
+@pytest.mark.parametrize("ranks", [(8, 4, 2), (64, 32, 16)], ids=["R14", "R112"])
+def test_cuda_backend_both_ways_of_the_rank_products(skinny, ranks, monkeypatch):
+    # The default takes one way per rank (R > 64: cuBLAS); each must be right at either rank.
+    monkeypatch.setenv("MSPLORA_CUDA_SKINNY", skinny)
+    problem = make_problem((1000,), 1024, 768, ranks, torch.bfloat16, device="cuda")
+    check_backend_against_reference("cuda", problem, dropout_p=0.1, training=True)
