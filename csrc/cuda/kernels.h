@@ -31,13 +31,10 @@ cudaError_t launch_masked_lora_dx(DType dtype, const void* dt, const void* a, vo
 cudaError_t launch_grad_a_dropout(DType dtype, const void* x, const void* dt, float* da32, const int64_t* seed,
                                   int64_t M, int64_t K, int64_t R, double p, int64_t m_splits, cudaStream_t stream);
 
-// out (M x K) = dropout(x): x * 1/(1-p) where kept, 0 where dropped. out may be x (in place).
+// out (M x K) = dropout(x): x * 1/(1-p) where kept, 0 where dropped. out may be x (in place);
+// on a tensor of ones it gives the mask itself.
 cudaError_t launch_apply_dropout(DType dtype, const void* x, void* out, const int64_t* seed, int64_t M, int64_t K,
                                  double p, cudaStream_t stream);
-
-// out (M x K) = the dropout multiplier the kernels apply to x: 1/(1-p) where kept, 0 where dropped.
-cudaError_t launch_dropout_mask(DType dtype, void* out, const int64_t* seed, int64_t M, int64_t K, double p,
-                                cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace msplora

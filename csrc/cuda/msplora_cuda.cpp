@@ -172,9 +172,7 @@ at::Tensor dropout_mask_cuda(const at::Tensor& x, double p, const at::Tensor& se
   check_dropout(p, seed);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::ones({x.size(0), x.size(1)}, x.options());
-  if (p == 0.0 || out.numel() == 0) return out;
-  C10_CUDA_CHECK(cuda::launch_dropout_mask(dtype_of(x), out.data_ptr(), seed_ptr(p, seed, x), x.size(0), x.size(1),
-                                           p, at::cuda::getCurrentCUDAStream()));
+  if (p > 0.0) apply_dropout(out, out, p, seed);
   return out;
 }
 

@@ -259,16 +259,6 @@ __global__ void apply_dropout_kernel(const T* x, T* out, const int64_t* seed_ptr
   }
 }
 
-template <typename T>
-__global__ void dropout_mask_kernel(T* __restrict__ out, const int64_t* seed_ptr, int64_t n, float p,
-                                    float keep_scale) {
-  const uint64_t seed = load_seed(seed_ptr, p);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[i] = from_float<T>(dropped(1.0f, seed, i, p, keep_scale));
-  }
-}
-
 // In double from the user's p, as the CPU and Triton kernels compute it, so all scale alike.
 float keep_scale_of(double p) { return static_cast<float>(1.0 / (1.0 - p)); }
 
@@ -336,17 +326,6 @@ cudaError_t launch_apply_dropout(DType dtype, const void* x, void* out, const in
     apply_dropout_kernel<T><<<elementwise_blocks(n), 256, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(out),
                                                                         seed, n, static_cast<float>(p),
                                                                         keep_scale_of(p));
-  });
-}
-
-cudaError_t launch_dropout_mask(DType dtype, void* out, const int64_t* seed, int64_t M, int64_t K, double p,
-                                cudaStream_t stream) {
-  const int64_t n = M * K;
-  const unsigned blocks = elementwise_blocks(n);
-  return dispatch(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    dropout_mask_kernel<T><<<blocks, 256, 0, stream>>>(static_cast<T*>(out), seed, n, static_cast<float>(p),
-                                                        keep_scale_of(p));
   });
 }
 

@@ -31,8 +31,4 @@ int emu_apply_dropout(int dtype, const void* x, void* out, const int64_t* seed, 
   return msplora::cuda::launch_apply_dropout(static_cast<DType>(dtype), x, out, seed, M, K, p, nullptr);
 }
 
-int emu_dropout_mask(int dtype, void* out, const int64_t* seed, int64_t M, int64_t K, double p) {
-  return msplora::cuda::launch_dropout_mask(static_cast<DType>(dtype), out, seed, M, K, p, nullptr);
-}
-
 }  // extern "C"
