@@ -1,5 +1,5 @@
 // Test-only stand-in for <cuda_runtime.h>: with it first on the include path, g++ compiles
-// csrc/cuda/*.cu (after the test rewrites `k<<<grid, block, 0, s>>>(...)` into
+// csrc/cuda/*.cu (after tests/cuda_emulation.py rewrites `k<<<grid, block, 0, s>>>(...)` into
 // `::emu::launch(k, grid, block, 0, s, ...)`) and runs every kernel on the CPU (emulator.h).
 #pragma once
 
