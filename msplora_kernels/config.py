@@ -10,6 +10,8 @@ from typing import Optional, Sequence, Union
 
 CONFIG_NAME = "adapter_config.json"
 ADAPTER_TYPE = "MSPLORA"
+# target_modules value that adapts every nn.Linear inside the model's stacks of layers.
+ALL_LINEAR = "all-linear"
 
 
 @dataclasses.dataclass
@@ -17,7 +19,8 @@ class MSPLoraConfig:
     """MSPLoRA settings, in PEFT's spirit.
 
     target_modules: module names (a layer matches if its path ends with ".name") or one regex
-        matched against the whole path, as in PEFT.
+        matched against the whole path, as in PEFT; "all-linear" takes every nn.Linear inside
+        the stacks of layers (so not lm_head, a pooler or a classifier head).
     ranks: one rank per level, highest first; (8, 4, 2) is global, mid, layer.
     lora_alpha: one value for every level, or one per level; a level's scale is alpha / rank.
     dropout: dropout on the adapter input, one mask shared by every level.

@@ -39,6 +39,16 @@ class LoraLevel(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and kin): a linear layer that stores its weight as (in, out)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a transformers Conv1D."""
+    return (module.nx, module.nf) if is_conv1d(module) else (module.in_features, module.out_features)
+
+
 def _per_level(value, n: int, name: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -89,6 +99,7 @@ class MSPLoraLinear(nn.Module):
         self.backend = backend
         self.merged = False
         self.disabled = False
+        self.fan_in_fan_out = False  # True when made from a Conv1D: to_linear() gives a Conv1D back
         self._build_levels(ranks, lora_alpha, levels, self.weight.device, self.weight.dtype if dtype is None else dtype)
 
     def _build_levels(self, ranks, lora_alpha, levels, device, dtype) -> None:
@@ -116,20 +127,30 @@ class MSPLoraLinear(nn.Module):
         self._levels = tuple(refs)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "MSPLoraLinear":
-        """Wrap an existing nn.Linear, reusing (not copying) its weight and bias Parameters."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"MSPLoraLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
-        kwargs.setdefault("dtype", linear.weight.dtype)
-        return cls(
-            linear.in_features,
-            linear.out_features,
+    def from_linear(cls, linear: nn.Module, **kwargs) -> "MSPLoraLinear":
+        """Wrap an existing nn.Linear, reusing (not copying) its weight and bias Parameters.
+
+        A transformers Conv1D (GPT-2's) is taken too. It stores its weight as (in, out), which
+        is transposed once into a new (out, in) Parameter, so the kernels see one layout."""
+        conv1d = is_conv1d(linear)
+        if not (isinstance(linear, nn.Linear) or conv1d):
+            raise TypeError(f"MSPLoraLinear.from_linear: expected nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+        weight = linear.weight
+        if conv1d:
+            weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)
+        in_features, out_features = linear_features(linear)
+        kwargs.setdefault("dtype", weight.dtype)
+        layer = cls(
+            in_features,
+            out_features,
             bias=linear.bias is not None,
-            _weight=linear.weight,
+            _weight=weight,
             _bias=linear.bias,
-            device=linear.weight.device,
+            device=weight.device,
             **kwargs,
         )
+        layer.fan_in_fan_out = conv1d
+        return layer
 
     @property
     def levels(self) -> tuple:
@@ -180,8 +201,18 @@ class MSPLoraLinear(nn.Module):
         self.weight.sub_(self.delta_weight())
         self.merged = False
 
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear over the same weight and bias Parameters (the adapter is left out)."""
+    def to_linear(self) -> nn.Module:
+        """The plain layer over the same weight and bias (the adapter left out): an nn.Linear
+        sharing the Parameters, or for a layer made from a Conv1D, a Conv1D again, its weight
+        transposed back."""
+        if self.fan_in_fan_out:
+            from transformers.pytorch_utils import Conv1D
+
+            with torch.device("meta"):
+                conv = Conv1D(self.out_features, self.in_features)
+            conv.weight = nn.Parameter(self.weight.detach().t().contiguous(), requires_grad=self.weight.requires_grad)
+            conv.bias = self.bias
+            return conv
         with torch.device("meta"):
             linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         linear.weight = self.weight
@@ -194,5 +225,6 @@ class MSPLoraLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"ranks={self.ranks}, alpha=({', '.join(alphas)}), dropout={self.dropout:g}, shared_levels={shared}"
+            + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
             + (", merged=True" if self.merged else "")
         )

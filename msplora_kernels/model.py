@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import MSPLoraConfig, group_of
-from .layer import LoraLevel, MSPLoraLinear
+from .config import ALL_LINEAR, MSPLoraConfig, group_of
+from .layer import LoraLevel, MSPLoraLinear, is_conv1d, linear_features
 
 FACTORS_ATTR = "msplora_factors"
 # The stack a layer sits in: the first "...layers.<i>." style component of its path.
@@ -53,7 +53,7 @@ class MSPLoraFactors(nn.Module):
 @dataclass
 class _Site:
     path: str
-    linear: nn.Linear
+    linear: nn.Module  # an nn.Linear or a transformers Conv1D
     target: str
     layer: int
     num_layers: int
@@ -65,12 +65,40 @@ def _matches(path: str, target_modules) -> bool:
     return any(path == t or path.endswith("." + t) for t in target_modules)
 
 
+def _targeted(path: str, config: MSPLoraConfig) -> bool:
+    if config.target_modules == ALL_LINEAR:
+        # As in PEFT, but a linear outside the stacks of layers (lm_head, a pooler, a classifier)
+        # has no place in the pyramid, so it is left out rather than refused.
+        return layer_position(path) is not None
+    return _matches(path, config.target_modules)
+
+
+def _place_in_layer(stack: str, site: _Site) -> str:
+    """The site's path inside its layer: 'attention.output.dense' in '...layer.3.attention.output.dense'."""
+    return site.path[len(stack) + len(f".{site.layer}.") :]
+
+
+def _name_targets_by_place(sites: list[tuple[str, _Site]]) -> None:
+    """A target (one set of shared factors) is named by the module's last name ('query'), so
+    T5's self- and cross-attention 'q' share. Where that name sits in several places of a layer
+    with different shapes, as BERT's 'dense' does (attention.output, intermediate, output), the
+    places cannot share, and each becomes its own target: 'attention_output_dense' and so on."""
+    shapes: dict[tuple[str, str], dict[str, tuple]] = {}
+    for stack, site in sites:
+        shape = linear_features(site.linear)
+        shapes.setdefault((stack, site.target), {})[_place_in_layer(stack, site)] = shape
+    for stack, site in sites:
+        if len(set(shapes[(stack, site.target)].values())) > 1:
+            site.target = _place_in_layer(stack, site).replace(".", "_")
+
+
 def _sites(model: nn.Module, config: MSPLoraConfig) -> list[_Site]:
-    found = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.Linear) and p and _matches(p, config.target_modules)]
+    linears = [(p, m) for p, m in model.named_modules() if p and (isinstance(m, nn.Linear) or is_conv1d(m))]
+    found = [(p, m) for p, m in linears if _targeted(p, config)]
     if not found:
-        linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)][:12]
-        raise ValueError(f"apply_msplora: no nn.Linear matches target_modules={config.target_modules!r}; "
-                         f"linear layers include {linears}")
+        names = [p for p, _ in linears][:12]
+        raise ValueError(f"apply_msplora: no nn.Linear or Conv1D matches target_modules={config.target_modules!r}; "
+                         f"linear layers include {names}")
     sites = []
     for path, linear in found:
         position = layer_position(path)
@@ -80,6 +108,7 @@ def _sites(model: nn.Module, config: MSPLoraConfig) -> list[_Site]:
         stack, index = position
         site = _Site(path, linear, path.rsplit(".", 1)[-1], index, len(model.get_submodule(stack)))
         sites.append((stack, site))
+    _name_targets_by_place(sites)
     if len({stack for stack, _ in sites}) > 1:
         # Several stacks (an encoder and a decoder): each keeps its own shared levels.
         for stack, site in sites:
@@ -113,7 +142,7 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_d
                 continue
             key = (site.target, level, group_of(site.layer, site.num_layers, g))
             first = owners.setdefault(key, site)
-            shape, first_shape = (site.linear.in_features, site.linear.out_features), (first.linear.in_features, first.linear.out_features)
+            shape, first_shape = linear_features(site.linear), linear_features(first.linear)
             if shape != first_shape:
                 raise ValueError(f"apply_msplora: {first.path} {first_shape} and {site.path} {shape} would share level "
                                  f"{level} of target {site.target!r} but differ in shape (in, out)")
@@ -128,7 +157,7 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_d
         dtype = adapter_dtype_for(w.dtype, autocast_adapter_dtype)
 
         def make(rank, alpha, site=site, w=w, dtype=dtype):
-            return lambda: LoraLevel(site.linear.in_features, site.linear.out_features, rank, alpha, device=w.device, dtype=dtype)
+            return lambda: LoraLevel(*linear_features(site.linear), rank, alpha, device=w.device, dtype=dtype)
 
         levels = [
             None if g is None else factors.get_or_create(site.target, level, group_of(site.layer, site.num_layers, g),
@@ -140,6 +169,8 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_d
         parent_path, _, attr = site.path.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, layer)
         factors.layer_paths.append(site.path)
+        # A Conv1D's (in, out) weight was copied transposed; let the original go now, not at the end.
+        site.linear = w = None
     for path, module in list(model.named_modules()):
         if path and config.modules_to_save and _matches(path, config.modules_to_save):
             module.requires_grad_(True)

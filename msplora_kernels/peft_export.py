@@ -48,6 +48,7 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None
         lora_alpha=rank,
         target_modules=[path for path, _ in layers],
         lora_dropout=config.dropout,
+        fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),  # Conv1D bases (GPT-2)
         bias="none",
         modules_to_save=list(config.modules_to_save) or None,
         base_model_name_or_path=base_model_name_or_path,

@@ -1,6 +1,6 @@
 """Tiny Hugging Face models built in code (no downloads) for the model-level tests."""
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 
 def tiny_bert(num_layers=4, hidden=32, num_labels=3, seed=0):
@@ -17,6 +17,14 @@ def tiny_llama(num_layers=5, hidden=32, heads=4, kv_heads=2, seed=0):
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=heads,
                       num_key_value_heads=kv_heads, vocab_size=100, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(num_layers=3, hidden=32, seed=0):
+    """GPT-2: its attention and MLP layers are transformers Conv1D, weights stored (in, out)."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=num_layers, n_embd=hidden, n_head=4, vocab_size=100, n_positions=64,
+                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
 
 
 def randomize_adapter(model, std=0.05):

@@ -137,7 +137,7 @@ def test_bad_configs_are_clear():
         mk.MSPLoraConfig(groups=(3, 1, None))
     with pytest.raises(ValueError, match="lora_alpha has 2 entries"):
         mk.MSPLoraConfig(lora_alpha=(16, 8))
-    with pytest.raises(ValueError, match="no nn.Linear matches"):
+    with pytest.raises(ValueError, match="no nn.Linear or Conv1D matches"):
         mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="not inside a stack of layers"):
         mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig(target_modules=["classifier"]))
@@ -204,3 +204,45 @@ def test_encoder_and_decoder_stacks_keep_their_own_shared_levels():
     ids = torch.randint(0, 100, (2, 7))
     out = model(input_ids=ids, decoder_input_ids=ids).last_hidden_state
     assert out.shape == (2, 7, 32) and torch.isfinite(out).all()
+
+
+def test_all_linear_adapts_every_linear_in_the_layers_and_nothing_else():
+    model = tiny_llama()
+    in_layers = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and p.startswith("model.layers.")]
+    mk.apply_msplora(model, mk.MSPLoraConfig(target_modules="all-linear"))
+    assert [p for p, _ in mk.adapted_layers(model)] == in_layers
+    assert type(model.lm_head) is nn.Linear
+    assert sorted(model.msplora_factors.targets.keys()) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def test_all_linear_is_the_same_adapter_as_the_explicit_list():
+    ids = tokens()
+    outputs = []
+    for targets in ["all-linear", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]]:
+        model = tiny_llama()
+        torch.manual_seed(1)
+        mk.apply_msplora(model, mk.MSPLoraConfig(target_modules=targets))
+        randomize_adapter(model, std=0.2)
+        with torch.no_grad():
+            outputs.append(model(ids).logits)
+    assert (outputs[0] - tiny_llama()(ids).logits).abs().max() > 1e-3
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_one_name_in_places_of_different_shapes_gets_a_target_per_place(tmp_path):
+    # BERT's 'dense' is attention.output.dense (32 -> 32), intermediate.dense (32 -> 64) and
+    # output.dense (64 -> 32): they cannot share factors, so each place is its own target.
+    model = mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig(target_modules="all-linear"))
+    assert sorted(model.msplora_factors.targets.keys()) == sorted(
+        ["query", "key", "value", "attention_output_dense", "intermediate_dense", "output_dense"])
+    assert type(model.bert.pooler.dense) is nn.Linear and type(model.classifier) is nn.Linear
+    layer = model.bert.encoder.layer[3]
+    assert layer.output.dense.levels[0] is model.bert.encoder.layer[0].output.dense.levels[0]
+    assert layer.output.dense.levels[0] is not layer.attention.output.dense.levels[0]
+    randomize_adapter(model)
+    mk.save_adapter(model, tmp_path)
+    loaded = mk.load_msplora(tiny_bert(), tmp_path)
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -13,7 +13,8 @@ peft = pytest.importorskip("peft")
 @pytest.mark.parametrize("make,targets,ranks", [
     (tiny_bert, ["query", "value"], (8, 4, 2)),
     (tiny_llama, ["q_proj", "k_proj", "v_proj"], (7, 3, 1)),
-], ids=["bert", "llama-gqa-odd-ranks"])
+    (tiny_bert, "all-linear", (4, 2, 1)),
+], ids=["bert", "llama-gqa-odd-ranks", "bert-all-linear"])
 def test_peft_model_reproduces_outputs(tmp_path, make, targets, ranks):
     base = make()
     model = mk.apply_msplora(copy.deepcopy(base), mk.MSPLoraConfig(target_modules=targets, ranks=ranks))

@@ -1,0 +1,90 @@
+"""GPT-2's transformers Conv1D layers (weight stored (in, out)) as MSPLoRA targets."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import msplora_kernels as mk
+from models import randomize_adapter, tiny_gpt2, tokens
+
+
+def _adapted(targets="all-linear", **kwargs):
+    base = tiny_gpt2()
+    model = mk.apply_msplora(copy.deepcopy(base), mk.MSPLoraConfig(target_modules=targets, **kwargs))
+    return base, model
+
+
+def test_conv1d_layers_are_adapted_with_the_transposed_weight():
+    base, model = _adapted()
+    layers = dict(mk.adapted_layers(model))
+    assert len(layers) == 4 * 3 and all(layer.fan_in_fan_out for layer in layers.values())
+    c_attn = layers["transformer.h.1.attn.c_attn"]
+    assert (c_attn.in_features, c_attn.out_features) == (32, 96)
+    torch.testing.assert_close(c_attn.weight, base.transformer.h[1].attn.c_attn.weight.T, rtol=0, atol=0)
+    # attn.c_proj (32 -> 32) and mlp.c_proj (128 -> 32) share a name, not a shape: one target each.
+    assert sorted(model.msplora_factors.targets.keys()) == ["attn_c_proj", "c_attn", "c_fc", "mlp_c_proj"]
+    assert type(model.lm_head) is nn.Linear
+
+
+def test_fresh_adapter_keeps_outputs_and_a_trained_one_changes_them():
+    base, model = _adapted(targets=["c_attn", "c_fc"])
+    ids = tokens()
+    with torch.no_grad():
+        plain = base(ids).logits
+        torch.testing.assert_close(model(ids).logits, plain, rtol=1e-5, atol=1e-5)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    before = copy.deepcopy(model.state_dict())
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {k for k in before if not torch.equal(before[k], model.state_dict()[k])}
+    assert changed and changed <= set(mk.adapter_state_dict(model))
+    with torch.no_grad():
+        assert (model(ids).logits - plain).abs().max() > 1e-4
+
+
+def test_merge_and_unload_give_conv1d_back():
+    base, model = _adapted()
+    randomize_adapter(model, std=0.2)
+    ids = tokens()
+    with torch.no_grad():
+        adapted = model(ids).logits
+        merged = mk.merge_and_unload(copy.deepcopy(model))
+        assert type(merged.transformer.h[0].attn.c_attn) is Conv1D
+        assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+        torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-4, atol=1e-5)
+        unloaded = mk.unload(model)
+        for name, value in base.state_dict().items():
+            assert torch.equal(unloaded.state_dict()[name], value), name
+        assert all(p.requires_grad for p in unloaded.parameters())
+
+
+def test_save_load_round_trip(tmp_path):
+    _, model = _adapted(dropout=0.1)
+    randomize_adapter(model)
+    mk.save_adapter(model, tmp_path)
+    loaded = mk.load_msplora(tiny_gpt2(), tmp_path).eval()
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
+
+
+def test_peft_export_loads_on_gpt2_with_the_same_outputs(tmp_path):
+    peft = pytest.importorskip("peft")
+    base, model = _adapted()
+    randomize_adapter(model, std=0.2)
+    mk.export_peft(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    ids = tokens()
+    with torch.no_grad():
+        ours = model(ids).logits
+        assert (ours - base(ids).logits).abs().max() > 1e-3
+        torch.testing.assert_close(theirs(ids).logits, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_from_linear_refuses_other_modules():
+    with pytest.raises(TypeError, match="expected nn.Linear or transformers Conv1D, got Conv1d"):
+        mk.MSPLoraLinear.from_linear(nn.Conv1d(4, 4, 1))
