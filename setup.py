@@ -8,6 +8,7 @@ Build switches (environment variables):
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -40,12 +41,18 @@ def extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob(f"{CSRC}/*.cpp") + glob.glob(f"{CSRC}/cpu/*.cpp"))
     compile_args = {"cxx": opt + ["-std=c++17"]}
+    link_args = []
+    if sys.platform.startswith("linux"):
+        # Without _OPENMP, ATen's header-only at::parallel_for runs serially in our code (the CPU
+        # dropout passes used one core). libgomp.so.1 is the runtime torch loads, so one pool.
+        compile_args["cxx"].append("-fopenmp")
+        link_args.append("-fopenmp")
     if not want_cuda():
-        return [CppExtension("msplora_kernels._C", sources, extra_compile_args=compile_args)]
+        return [CppExtension("msplora_kernels._C", sources, extra_compile_args=compile_args, extra_link_args=link_args)]
     default_max_jobs()
     sources += sorted(glob.glob(f"{CSRC}/cuda/*.cpp") + glob.glob(f"{CSRC}/cuda/*.cu"))
     compile_args["nvcc"] = opt + ["-std=c++17", "--use_fast_math", "-lineinfo"]
-    return [CUDAExtension("msplora_kernels._C", sources, extra_compile_args=compile_args)]
+    return [CUDAExtension("msplora_kernels._C", sources, extra_compile_args=compile_args, extra_link_args=link_args)]
 
 
 setup(
