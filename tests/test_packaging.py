@@ -1,10 +1,13 @@
 """The built wheel: our Triton code only as msplora_kernels.triton_kernels, never a top-level
 `triton_kernels` (that import name belongs to another package), and the compiled extension."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,3 +24,13 @@ def test_wheel_layout(tmp_path):
         assert f"msplora_kernels/triton_kernels/{module}.py" in names
     assert any(n.startswith("msplora_kernels/_C") and n.endswith(".so") for n in names)
     assert "msplora_kernels/analysis/__main__.py" in names
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None, reason="needs Linux and nm")
+def test_cpu_op_is_built_with_openmp():
+    # at::parallel_for is a header template that runs serially unless the extension itself is
+    # compiled with OpenMP; then the CPU dropout passes would use one core, correct but slow.
+    import msplora_kernels._C as ext
+
+    symbols = subprocess.run(["nm", "-D", ext.__file__], capture_output=True, text=True, check=True).stdout
+    assert "GOMP_parallel" in symbols, f"{ext.__file__} has no OpenMP parallel region"
