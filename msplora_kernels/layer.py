@@ -99,7 +99,9 @@ class MSPLoraLinear(nn.Module):
         self.backend = backend
         self.merged = False
         self.disabled = False
-        self.fan_in_fan_out = False  # True when made from a Conv1D: to_linear() gives a Conv1D back
+        # True when made from a Conv1D: weight is that layer's own (in, out) Parameter, so the
+        # model's state_dict keeps its keys and layout, and to_linear() gives the Conv1D back.
+        self.fan_in_fan_out = False
         self._build_levels(ranks, lora_alpha, levels, self.weight.device, self.weight.dtype if dtype is None else dtype)
 
     def _build_levels(self, ranks, lora_alpha, levels, device, dtype) -> None:
@@ -130,14 +132,12 @@ class MSPLoraLinear(nn.Module):
     def from_linear(cls, linear: nn.Module, **kwargs) -> "MSPLoraLinear":
         """Wrap an existing nn.Linear, reusing (not copying) its weight and bias Parameters.
 
-        A transformers Conv1D (GPT-2's) is taken too. It stores its weight as (in, out), which
-        is transposed once into a new (out, in) Parameter, so the kernels see one layout."""
+        A transformers Conv1D (GPT-2's) is taken too. Its weight, stored (in, out), is kept as it
+        is (not copied): the kernels get the transposed view, which BLAS reads at no cost."""
         conv1d = is_conv1d(linear)
         if not (isinstance(linear, nn.Linear) or conv1d):
             raise TypeError(f"MSPLoraLinear.from_linear: expected nn.Linear or transformers Conv1D, got {type(linear).__name__}")
         weight = linear.weight
-        if conv1d:
-            weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)
         in_features, out_features = linear_features(linear)
         kwargs.setdefault("dtype", weight.dtype)
         layer = cls(
@@ -153,6 +153,11 @@ class MSPLoraLinear(nn.Module):
         return layer
 
     @property
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as (out_features, in_features), a view for a Conv1D's (in, out) one."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    @property
     def levels(self) -> tuple:
         return self._levels
 
@@ -166,10 +171,10 @@ class MSPLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, self.base_weight, self.bias)
         return msplora_linear(
             x,
-            self.weight,
+            self.base_weight,
             self.bias,
             [lvl.A for lvl in self._levels],
             [lvl.B for lvl in self._levels],
@@ -181,10 +186,11 @@ class MSPLoraLinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """The dense update sum_i s_i (A_i B_i)^T, shaped and typed like weight."""
+        """The dense update sum_i s_i (A_i B_i)^T, shaped and typed like weight (not transposed
+        for a Conv1D's (in, out) weight)."""
         acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         delta = sum(lvl.scale * (lvl.A.to(acc) @ lvl.B.to(acc)) for lvl in self._levels)
-        return delta.T.to(self.weight.dtype)
+        return (delta if self.fan_in_fan_out else delta.T).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -203,14 +209,13 @@ class MSPLoraLinear(nn.Module):
 
     def to_linear(self) -> nn.Module:
         """The plain layer over the same weight and bias (the adapter left out): an nn.Linear
-        sharing the Parameters, or for a layer made from a Conv1D, a Conv1D again, its weight
-        transposed back."""
+        sharing the Parameters, or for a layer made from a Conv1D, a Conv1D again."""
         if self.fan_in_fan_out:
             from transformers.pytorch_utils import Conv1D
 
             with torch.device("meta"):
                 conv = Conv1D(self.out_features, self.in_features)
-            conv.weight = nn.Parameter(self.weight.detach().t().contiguous(), requires_grad=self.weight.requires_grad)
+            conv.weight = self.weight
             conv.bias = self.bias
             return conv
         with torch.device("meta"):

@@ -169,8 +169,6 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_d
         parent_path, _, attr = site.path.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, layer)
         factors.layer_paths.append(site.path)
-        # A Conv1D's (in, out) weight was copied transposed; let the original go now, not at the end.
-        site.linear = w = None
     for path, module in list(model.named_modules()):
         if path and config.modules_to_save and _matches(path, config.modules_to_save):
             module.requires_grad_(True)

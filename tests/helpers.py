@@ -18,8 +18,10 @@ def precise_dtype(backend: str) -> torch.dtype:
     return torch.float32 if backend == "triton" else torch.float64
 
 
-def make_problem(lead, in_f, out_f, ranks, dtype, *, bias=True, train_base=False, device="cpu", noncontig=False):
-    """Random x, weight, bias, As, Bs (B non-zero, so every path is exercised), and scales."""
+def make_problem(lead, in_f, out_f, ranks, dtype, *, bias=True, train_base=False, device="cpu", noncontig=False,
+                 weight_in_out=False):
+    """Random x, weight, bias, As, Bs (B non-zero, so every path is exercised), and scales.
+    weight_in_out: the weight is the transposed view of an (in, out) tensor, as a Conv1D gives it."""
     g = {"device": device, "dtype": dtype}
     if noncontig:
         # A transposed view: same values, strides that are not row-major.
@@ -27,7 +29,8 @@ def make_problem(lead, in_f, out_f, ranks, dtype, *, bias=True, train_base=False
     else:
         x = torch.randn(*lead, in_f, **g)
     x.requires_grad_(True)
-    weight = (torch.randn(out_f, in_f, **g) / in_f**0.5).requires_grad_(train_base)
+    weight = torch.randn(in_f, out_f, **g).t() if weight_in_out else torch.randn(out_f, in_f, **g)
+    weight = (weight / in_f**0.5).requires_grad_(train_base)
     b = (torch.randn(out_f, **g) * 0.1).requires_grad_(train_base) if bias else None
     As = [(torch.randn(in_f, r, **g) / in_f**0.5).requires_grad_(True) for r in ranks]
     Bs = [(torch.randn(r, out_f, **g) * 0.2).requires_grad_(True) for r in ranks]

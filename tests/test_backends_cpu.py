@@ -48,6 +48,15 @@ def test_noncontiguous_input(backend, dtype):
     check_backend_against_reference(backend, problem)
 
 
+@pytest.mark.parametrize("backend,dtype", list(_cases()))
+@pytest.mark.parametrize("train_base", [False, True], ids=["frozen", "trained"])
+def test_weight_stored_in_out(backend, dtype, train_base):
+    # A Conv1D base (GPT-2) hands the ops the transposed view of its (in, out) weight.
+    problem = make_problem((3, 7), 24, 40, (8, 4, 2), dtype, weight_in_out=True, train_base=train_base)
+    assert not problem[1].is_contiguous()
+    check_backend_against_reference(backend, problem, dropout_p=0.2, training=True)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["0", "2x0"])
 def test_empty_batch(backend, lead):

@@ -7,6 +7,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import msplora_kernels as mk
+from transformers import GPT2LMHeadModel
+
 from models import randomize_adapter, tiny_gpt2, tokens
 
 
@@ -16,13 +18,17 @@ def _adapted(targets="all-linear", **kwargs):
     return base, model
 
 
-def test_conv1d_layers_are_adapted_with_the_transposed_weight():
-    base, model = _adapted()
+def test_conv1d_layers_are_adapted_sharing_the_weight():
+    base = tiny_gpt2()
+    conv = base.transformer.h[1].attn.c_attn
+    model = mk.apply_msplora(base, mk.MSPLoraConfig(target_modules="all-linear"))
     layers = dict(mk.adapted_layers(model))
     assert len(layers) == 4 * 3 and all(layer.fan_in_fan_out for layer in layers.values())
     c_attn = layers["transformer.h.1.attn.c_attn"]
     assert (c_attn.in_features, c_attn.out_features) == (32, 96)
-    torch.testing.assert_close(c_attn.weight, base.transformer.h[1].attn.c_attn.weight.T, rtol=0, atol=0)
+    # The Conv1D's own (in, out) Parameter, not a copy; the kernels get its transposed view.
+    assert c_attn.weight is conv.weight and c_attn.bias is conv.bias
+    assert c_attn.base_weight.shape == (96, 32)
     # attn.c_proj (32 -> 32) and mlp.c_proj (128 -> 32) share a name, not a shape: one target each.
     assert sorted(model.msplora_factors.targets.keys()) == ["attn_c_proj", "c_attn", "c_fc", "mlp_c_proj"]
     assert type(model.lm_head) is nn.Linear
@@ -60,6 +66,44 @@ def test_merge_and_unload_give_conv1d_back():
         for name, value in base.state_dict().items():
             assert torch.equal(unloaded.state_dict()[name], value), name
         assert all(p.requires_grad for p in unloaded.parameters())
+
+
+def test_state_dict_keeps_the_base_keys_and_layout(tmp_path):
+    # Saving the whole adapted model (as the Trainer or save_pretrained does) must not hand a plain
+    # GPT-2 transposed weights: attn.c_proj is square, so a transposed one would load silently.
+    base, model = _adapted()
+    randomize_adapter(model, std=0.2)
+    state = model.state_dict()
+    for name, value in base.state_dict().items():
+        assert torch.equal(state[name], value), name
+    model.save_pretrained(tmp_path)
+    plain = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, base(ids).logits, rtol=0, atol=0)
+        # And the adapted model takes a plain state_dict back, its factors untouched.
+        factors = {k: v.clone() for k, v in mk.adapter_state_dict(model).items()}
+        adapted = model(ids).logits
+        model.load_state_dict(base.state_dict(), strict=False)
+        torch.testing.assert_close(model(ids).logits, adapted, rtol=0, atol=0)
+        assert all(torch.equal(v, factors[k]) for k, v in mk.adapter_state_dict(model).items())
+
+
+def test_merge_unmerge_restore_the_conv1d_weight():
+    base, model = _adapted()
+    randomize_adapter(model, std=0.2)
+    layer = dict(mk.adapted_layers(model))["transformer.h.0.mlp.c_fc"]
+    before = layer.weight.detach().clone()
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        adapted = layer(x)
+        layer.merge()
+        assert layer.weight.shape == (32, 128)
+        torch.testing.assert_close(layer(x), adapted, rtol=1e-5, atol=1e-5)
+        ref = x.double() @ before.double() + layer.bias.double() + x.double() @ layer.delta_weight().double()
+        torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+        torch.testing.assert_close(layer.weight, before, rtol=0, atol=1e-6)
 
 
 def test_save_load_round_trip(tmp_path):

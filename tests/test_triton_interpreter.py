@@ -23,6 +23,16 @@ def test_rows_split_across_programs_in_grad_a():
     check_backend_against_reference("triton", problem)
 
 
+@pytest.mark.parametrize("forward", ["split", "onepass"])
+@pytest.mark.parametrize("train_base", [False, True], ids=["frozen", "trained"])
+def test_weight_stored_in_out(monkeypatch, forward, train_base):
+    # A Conv1D base (GPT-2) hands the kernels the transposed view of its (in, out) weight.
+    monkeypatch.setenv("MSPLORA_TRITON_FORWARD", forward)
+    problem = make_problem((3, 7), 24, 40, (8, 4, 2), torch.float32, weight_in_out=True, train_base=train_base)
+    assert not problem[1].is_contiguous()
+    check_backend_against_reference("triton", problem, dropout_p=0.2, training=True)
+
+
 def test_float64_is_refused_by_name_and_skipped_by_automatic_choice():
     x, w, b, As, Bs, s = make_problem((3,), 8, 8, (2,), torch.float64)
     with pytest.raises(TypeError, match="backend='triton' computes in"):
