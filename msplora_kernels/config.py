@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import re
 from pathlib import Path
@@ -23,6 +24,8 @@ class MSPLoraConfig:
         the stacks of layers (so not lm_head, a pooler or a classifier head).
     ranks: one rank per level, highest first; (8, 4, 2) is global, mid, layer.
     lora_alpha: one value for every level, or one per level; a level's scale is alpha / rank.
+    use_rslora: scale each level by alpha / sqrt(rank) instead (rank-stabilized LoRA, as PEFT's
+        option of that name), which keeps the update's size steady as ranks grow.
     dropout: dropout on the adapter input, one mask shared by every level.
     groups: groups per level; None means one group per layer. Layer i of N belongs to group
         floor(g * i / N) of a level with g groups. (1, 3, None) is the paper's pyramid.
@@ -34,6 +37,7 @@ class MSPLoraConfig:
     target_modules: Union[Sequence[str], str] = ("query", "value")
     ranks: Sequence[int] = (8, 4, 2)
     lora_alpha: Union[float, Sequence[float]] = 16.0
+    use_rslora: bool = False
     dropout: float = 0.0
     groups: Sequence[Optional[int]] = (1, 3, None)
     backend: Optional[str] = None
@@ -76,6 +80,8 @@ class MSPLoraConfig:
                 raise ValueError(f"MSPLoraConfig: lora_alpha has {len(self.lora_alpha)} entries but ranks has {n}")
         else:
             self.lora_alpha = float(self.lora_alpha)
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"MSPLoraConfig: use_rslora must be true or false, got {self.use_rslora!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"MSPLoraConfig: dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -86,6 +92,11 @@ class MSPLoraConfig:
     @property
     def alphas(self) -> tuple:
         return self.lora_alpha if isinstance(self.lora_alpha, tuple) else (self.lora_alpha,) * self.num_levels
+
+    @property
+    def scales(self) -> tuple:
+        """Each level's scale, alpha / rank (alpha / sqrt(rank) with use_rslora)."""
+        return tuple(level_scale(a, r, self.use_rslora) for a, r in zip(self.alphas, self.ranks))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -125,6 +136,12 @@ class MSPLoraConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"MSPLoraConfig: {path} is not valid JSON: {exc}") from None
         return cls.from_dict(data)
+
+
+def level_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """A level's scale: alpha / rank, or alpha / sqrt(rank) with rank-stabilized LoRA (rsLoRA,
+    Kalajdzievski 2023), as PEFT's use_rslora gives it."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def group_of(layer: int, num_layers: int, groups: Optional[int]) -> int:

@@ -7,28 +7,34 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .config import level_scale
 from .functional import msplora_linear
 
 
 class LoraLevel(nn.Module):
     """One level's factors: A (in_features x rank, Gaussian) and B (rank x out_features, zero).
 
-    The level's output is scale * (x A) B with scale = alpha / rank. A level may be
-    shared by several MSPLoraLinear layers; it is then registered once, by its owner.
+    The level's output is scale * (x A) B with scale = alpha / rank (alpha / sqrt(rank) with
+    use_rslora). A level may be shared by several MSPLoraLinear layers; it is then registered
+    once, by its owner.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float = 16.0, *, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float = 16.0, *, use_rslora: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"LoraLevel: rank must be an int >= 1, got {rank!r}")
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"LoraLevel: use_rslora must be a bool, got {use_rslora!r}")
         self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, float(alpha)
+        self.use_rslora = use_rslora
         self.A = nn.Parameter(torch.empty(in_features, rank, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(rank, out_features, device=device, dtype=dtype))
         self.reset_parameters()
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return level_scale(self.alpha, self.rank, self.use_rslora)
 
     def reset_parameters(self) -> None:
         # Kaiming-normal on A's fan-in; B = 0 so a fresh adapter changes nothing.
@@ -36,7 +42,8 @@ class LoraLevel(nn.Module):
         nn.init.zeros_(self.B)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
+                + (", use_rslora=True" if self.use_rslora else ""))
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -74,6 +81,7 @@ class MSPLoraLinear(nn.Module):
         *,
         ranks: Sequence[int] = (8, 4, 2),
         lora_alpha=16,
+        use_rslora: bool = False,
         dropout: float = 0.0,
         levels: Optional[Sequence[Optional[LoraLevel]]] = None,
         backend: Optional[str] = None,
@@ -102,9 +110,10 @@ class MSPLoraLinear(nn.Module):
         # True when made from a Conv1D: weight is that layer's own (in, out) Parameter, so the
         # model's state_dict keeps its keys and layout, and to_linear() gives the Conv1D back.
         self.fan_in_fan_out = False
-        self._build_levels(ranks, lora_alpha, levels, self.weight.device, self.weight.dtype if dtype is None else dtype)
+        self._build_levels(ranks, lora_alpha, use_rslora, levels, self.weight.device,
+                           self.weight.dtype if dtype is None else dtype)
 
-    def _build_levels(self, ranks, lora_alpha, levels, device, dtype) -> None:
+    def _build_levels(self, ranks, lora_alpha, use_rslora, levels, device, dtype) -> None:
         # A passed-in level brings its own rank; `ranks` fills the entries left None.
         given = list(levels) if levels is not None else [None] * len(ranks)
         n = len(given)
@@ -117,7 +126,8 @@ class MSPLoraLinear(nn.Module):
         refs = []
         for i, (alpha, lvl) in enumerate(zip(alphas, given)):
             if lvl is None:
-                lvl = LoraLevel(self.in_features, self.out_features, ranks[i], alpha, device=device, dtype=dtype)
+                lvl = LoraLevel(self.in_features, self.out_features, ranks[i], alpha, use_rslora=use_rslora,
+                                device=device, dtype=dtype)
                 self.own_levels[str(i)] = lvl
             elif (lvl.in_features, lvl.out_features) != (self.in_features, self.out_features):
                 raise ValueError(

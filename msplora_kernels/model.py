@@ -157,14 +157,15 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_d
         dtype = adapter_dtype_for(w.dtype, autocast_adapter_dtype)
 
         def make(rank, alpha, site=site, w=w, dtype=dtype):
-            return lambda: LoraLevel(*linear_features(site.linear), rank, alpha, device=w.device, dtype=dtype)
+            return lambda: LoraLevel(*linear_features(site.linear), rank, alpha, use_rslora=config.use_rslora,
+                                     device=w.device, dtype=dtype)
 
         levels = [
             None if g is None else factors.get_or_create(site.target, level, group_of(site.layer, site.num_layers, g),
                                                          make(config.ranks[level], config.alphas[level]))
             for level, g in enumerate(config.groups)
         ]
-        layer = MSPLoraLinear.from_linear(site.linear, ranks=config.ranks, lora_alpha=config.alphas,
+        layer = MSPLoraLinear.from_linear(site.linear, ranks=config.ranks, lora_alpha=config.alphas, use_rslora=config.use_rslora,
                                           dropout=config.dropout, levels=levels, backend=config.backend, dtype=dtype)
         parent_path, _, attr = site.path.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, layer)

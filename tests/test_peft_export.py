@@ -10,14 +10,16 @@ from models import randomize_adapter, tiny_bert, tiny_llama, tokens
 peft = pytest.importorskip("peft")
 
 
-@pytest.mark.parametrize("make,targets,ranks", [
-    (tiny_bert, ["query", "value"], (8, 4, 2)),
-    (tiny_llama, ["q_proj", "k_proj", "v_proj"], (7, 3, 1)),
-    (tiny_bert, "all-linear", (4, 2, 1)),
-], ids=["bert", "llama-gqa-odd-ranks", "bert-all-linear"])
-def test_peft_model_reproduces_outputs(tmp_path, make, targets, ranks):
+@pytest.mark.parametrize("make,targets,ranks,rslora", [
+    (tiny_bert, ["query", "value"], (8, 4, 2), False),
+    (tiny_llama, ["q_proj", "k_proj", "v_proj"], (7, 3, 1), False),
+    (tiny_bert, "all-linear", (4, 2, 1), False),
+    (tiny_bert, ["query", "value"], (8, 4, 2), True),  # the scales alpha / sqrt(r) are folded in too
+], ids=["bert", "llama-gqa-odd-ranks", "bert-all-linear", "bert-rslora"])
+def test_peft_model_reproduces_outputs(tmp_path, make, targets, ranks, rslora):
     base = make()
-    model = mk.apply_msplora(copy.deepcopy(base), mk.MSPLoraConfig(target_modules=targets, ranks=ranks))
+    config = mk.MSPLoraConfig(target_modules=targets, ranks=ranks, use_rslora=rslora)
+    model = mk.apply_msplora(copy.deepcopy(base), config)
     randomize_adapter(model, std=0.2)
     rank = mk.export_peft(model, tmp_path)
     assert rank == sum(ranks)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..adapter_io import WEIGHTS_NAME, adapter_state_dict
-from ..config import CONFIG_NAME
+from ..config import CONFIG_NAME, level_scale
 from ..model import FACTORS_ATTR, layer_position
 
 # Adapter tensor names: shared levels in the root container, and layers' own levels.
@@ -68,7 +68,7 @@ class FactorPair:
         return factor_singular_values(self.a, self.b, self.scale)
 
 
-def _pairs_from_tensors(tensors: dict, ranks, alphas) -> list[FactorPair]:
+def _pairs_from_tensors(tensors: dict, scales) -> list[FactorPair]:
     found: dict[str, dict] = {}
     for key, t in tensors.items():
         m = _SHARED.match(key)
@@ -89,14 +89,13 @@ def _pairs_from_tensors(tensors: dict, ranks, alphas) -> list[FactorPair]:
         if "A" not in e or "B" not in e:
             raise ValueError(f"analysis: {base} has only one of its two factors")
         level = e["level"]
-        pairs.append(FactorPair(e["target"], level, e["group"], e["layer"], base, e["A"], e["B"],
-                                alphas[level] / ranks[level]))
+        pairs.append(FactorPair(e["target"], level, e["group"], e["layer"], base, e["A"], e["B"], scales[level]))
     return pairs
 
 
 def pairs_from_model(model) -> list[FactorPair]:
     config = model.msplora_config
-    return _pairs_from_tensors(adapter_state_dict(model), config.ranks, config.alphas)
+    return _pairs_from_tensors(adapter_state_dict(model), config.scales)
 
 
 def pairs_from_dir(directory) -> tuple[list[FactorPair], "object"]:
@@ -106,7 +105,7 @@ def pairs_from_dir(directory) -> tuple[list[FactorPair], "object"]:
 
     config = MSPLoraConfig.from_pretrained(directory)
     tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
-    return _pairs_from_tensors(tensors, config.ranks, config.alphas), config
+    return _pairs_from_tensors(tensors, config.scales), config
 
 
 def lora_layer_spectra(directory) -> dict[str, dict[int, torch.Tensor]]:
@@ -119,7 +118,7 @@ def lora_layer_spectra(directory) -> dict[str, dict[int, torch.Tensor]]:
     cfg = json.loads((directory / CONFIG_NAME).read_text())
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"analysis: {directory} is not a PEFT LoRA adapter (peft_type={cfg.get('peft_type')!r})")
-    scale = cfg.get("lora_alpha", 1) / cfg.get("r", 1)
+    scale = level_scale(cfg.get("lora_alpha", 1), cfg.get("r", 1), bool(cfg.get("use_rslora", False)))
     tensors = load_file(str(directory / WEIGHTS_NAME))
     out: dict[str, dict[int, torch.Tensor]] = {}
     for key, a in tensors.items():
