@@ -132,3 +132,28 @@ def test_peft_export_loads_on_gpt2_with_the_same_outputs(tmp_path):
 def test_from_linear_refuses_other_modules():
     with pytest.raises(TypeError, match="expected nn.Linear or transformers Conv1D, got Conv1d"):
         mk.MSPLoraLinear.from_linear(nn.Conv1d(4, 4, 1))
+
+
+def test_compiled_model_matches_eager():
+    # Under torch.compile the ops get the Conv1D weight's transposed view too, and with dropout
+    # forward and backward must share one mask (fallback_random: inductor draws the seed as eager).
+    _, model = _adapted(dropout=0.1)
+    randomize_adapter(model, std=0.2)
+    model.train()
+    ids = tokens()
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        torch.manual_seed(3)
+        loss = fn(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    torch._dynamo.reset()
+    loss, grads = loss_and_grads(model)
+    with torch._inductor.config.patch(fallback_random=True):
+        loss_c, grads_c = loss_and_grads(torch.compile(model))
+    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
+    assert grads_c.keys() == grads.keys() and len(grads) == sum(p.requires_grad for p in model.parameters())
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-4, atol=1e-5, msg=name)
