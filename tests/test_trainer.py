@@ -53,6 +53,9 @@ def test_trainer_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path):
     # Every checkpoint folder loads on a fresh base model, as a PEFT checkpoint does.
     from_ckpt = mk.adapter_state_dict(mk.load_msplora(tiny_bert(), tmp_path / "full" / "checkpoint-4"))
     assert from_ckpt.keys() == final.keys() and all(torch.equal(from_ckpt[k], final[k]) for k in final)
+    # And output_dir gets the final adapter when training ends.
+    from_out = mk.adapter_state_dict(mk.load_msplora(tiny_bert(), tmp_path / "full"))
+    assert from_out.keys() == final.keys() and all(torch.equal(from_out[k], final[k]) for k in final)
     halfway = mk.adapter_state_dict(mk.load_msplora(tiny_bert(), tmp_path / "full" / "checkpoint-2"))
     assert any(not torch.equal(halfway[k], final[k]) for k in final)
     # Resuming from the Trainer's own checkpoint (optimizer, scheduler, RNG, dropout seeds) is exact.
