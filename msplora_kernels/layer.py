@@ -56,6 +56,16 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     return (module.nx, module.nf) if is_conv1d(module) else (module.in_features, module.out_features)
 
 
+def require_float_weight(module: nn.Module, who: str, name: str) -> None:
+    """Refuse a base layer whose weight is not floating point (a quantized layer), before any change."""
+    weight = module.weight
+    if not weight.is_floating_point():
+        raise TypeError(
+            f"{who}: {name} ({type(module).__name__}) has a {weight.dtype} weight of shape {tuple(weight.shape)}; "
+            "MSPLoRA needs a floating-point base layer (quantized ones, such as bitsandbytes', are not supported)"
+        )
+
+
 def _per_level(value, n: int, name: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -147,6 +157,7 @@ class MSPLoraLinear(nn.Module):
         conv1d = is_conv1d(linear)
         if not (isinstance(linear, nn.Linear) or conv1d):
             raise TypeError(f"MSPLoraLinear.from_linear: expected nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+        require_float_weight(linear, "MSPLoraLinear.from_linear", "linear")
         weight = linear.weight
         in_features, out_features = linear_features(linear)
         kwargs.setdefault("dtype", weight.dtype)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import ALL_LINEAR, MSPLoraConfig, group_of
-from .layer import LoraLevel, MSPLoraLinear, is_conv1d, linear_features
+from .layer import LoraLevel, MSPLoraLinear, is_conv1d, linear_features, require_float_weight
 
 FACTORS_ATTR = "msplora_factors"
 # The stack a layer sits in: the first "...layers.<i>." style component of its path.
@@ -101,6 +101,7 @@ def _sites(model: nn.Module, config: MSPLoraConfig) -> list[_Site]:
                          f"linear layers include {names}")
     sites = []
     for path, linear in found:
+        require_float_weight(linear, "apply_msplora", path)
         position = layer_position(path)
         if position is None:
             raise ValueError(f"apply_msplora: {path!r} is not inside a stack of layers (no '.layers.<i>.' or "

@@ -98,6 +98,14 @@ def e_shared_shape():
     mk.apply_msplora(model, mk.MSPLoraConfig(target_modules=["q_proj"]))
 
 
+def e_quantized_base():
+    # A quantized layer (bitsandbytes' subclass nn.Linear) holds an integer weight.
+    model = tiny_llama()
+    q_proj = model.model.layers[1].self_attn.q_proj
+    q_proj.weight = torch.nn.Parameter(torch.randint(-8, 8, q_proj.weight.shape, dtype=torch.int8), requires_grad=False)
+    mk.apply_msplora(model, mk.MSPLoraConfig(target_modules=["q_proj"]))
+
+
 def _saved(tmp_path, **cfg):
     model = mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig(**cfg))
     mk.save_adapter(model, tmp_path)
@@ -150,6 +158,7 @@ CATALOGUE = {
     "E18": (e_adapter_tensors, mk.AdapterMismatchError, "shape mismatch:"),
     "E19": (e_adapter_keys, mk.AdapterMismatchError, "missing from the file:"),
     "E20": (e_adapter_corrupt, mk.AdapterMismatchError, "is corrupted or truncated"),
+    "E21": (e_quantized_base, TypeError, "model.layers.1.self_attn.q_proj (Linear) has a torch.int8 weight of shape (32, 32)"),
 }
 
 
@@ -172,6 +181,17 @@ def test_readme_table_matches_catalogue():
         _, exc, message = CATALOGUE[eid]
         assert exc_name == exc.__name__, eid
         assert quoted.strip("`").replace("\\|", "|") == message, eid
+
+
+def test_a_refused_base_leaves_the_model_untouched():
+    model = tiny_llama()
+    model.model.layers[3].self_attn.v_proj.weight = torch.nn.Parameter(
+        torch.zeros(16, 32, dtype=torch.uint8), requires_grad=False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(TypeError, match="model.layers.3.self_attn.v_proj"):
+        mk.apply_msplora(model, mk.MSPLoraConfig(target_modules=["q_proj", "v_proj"]))
+    assert not any(isinstance(m, mk.MSPLoraLinear) for m in model.modules())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
 def test_adapter_failure_loads_nothing(tmp_path):
