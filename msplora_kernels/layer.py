@@ -75,7 +75,8 @@ def _per_level(value, n: int, name: str) -> list:
 
 
 class MSPLoraLinear(nn.Module):
-    """y = x W^T + b + sum_i (alpha_i / r_i) (dropout(x) A_i) B_i, with W and b frozen.
+    """y = x W^T + b + sum_i (alpha_i / r_i) (dropout(x) A_i) B_i, with W and b frozen
+    (alpha_i / sqrt(r_i) with use_rslora).
 
     Levels are ordered as `ranks` (highest first: global, mid, layer). `levels` may pass
     in existing LoraLevel objects, one per rank (None where the layer should own a new
