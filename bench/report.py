@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from msplora_kernels.backends import cpu_adapter_gemm
+
 
 def device_name(device) -> str:
     if torch.device(device).type == "cuda":
@@ -50,6 +52,7 @@ def metadata(device, dtype) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
+        "cpu_adapter_gemm": cpu_adapter_gemm(),  # the library of the cpp backend's rank-R products
         "python": platform.python_version(),
         "git_commit": commit,
         "git_dirty": dirty,

@@ -108,3 +108,18 @@ def fused_op_table(name: str):
 
         return ops
     raise ValueError(f"msplora: {name!r} is not a fused backend")
+
+
+CPU_GEMM_ENV = "MSPLORA_CPU_GEMM"
+
+
+def cpu_adapter_gemm() -> str:
+    """The library that runs the cpp backend's fp32 rank-R products (csrc/cpu/rank_products.h):
+    'onednn' (torch's mkldnn::_linear_pointwise, where torch has it; products under about a
+    million multiply-adds stay on at::mm) or 'aten' (at::mm); $MSPLORA_CPU_GEMM=aten forces the latter."""
+    mode = os.environ.get(CPU_GEMM_ENV) or "auto"
+    if mode not in ("auto", "aten"):
+        raise ValueError(f"msplora: ${CPU_GEMM_ENV}={mode!r}; choose 'auto' (oneDNN where torch has it) or 'aten'")
+    has_onednn = torch._C._dispatch_has_kernel_for_dispatch_key("mkldnn::_linear_pointwise", "CPU")
+    return "onednn" if mode == "auto" and has_onednn else "aten"
+
