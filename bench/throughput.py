@@ -140,7 +140,9 @@ def main(argv=None) -> int:
     report.add_ratios(records)
     meta = report.metadata(args.device, args.dtype)
     print(f"\n{meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, triton {meta['triton']}, "
-          f"commit {str(meta['git_commit'])[:10]}, dropout {report.dropouts(records)}; median of repeats, ratios of fwd+bwd time")
+          f"commit {str(meta['git_commit'])[:10]}, dropout {report.dropouts(records)}"
+          + (f", cpp rank-R GEMMs on {meta['cpu_adapter_gemm']}" if args.device == "cpu" else "")
+          + "; median of repeats, ratios of fwd+bwd time")
     print(report.table(records))
     if args.json:
         report.write_json(args.json, meta, records)
