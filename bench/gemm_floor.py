@@ -1,9 +1,11 @@
-"""The measured floor of one adapted layer: its GEMMs alone, on this machine's BLAS.
+"""The measured floor of one adapted layer: its GEMMs alone, on this machine's libraries.
 
 An adapted layer's forward+backward must run the frozen layer's two GEMMs (y and dx) and the
 adapter's six rank-R GEMMs (shrink, expand, dT, dB, dx's LoRA term, dA). This times exactly
 those eight calls, with no dropout, copies or autograd, in interleaved rounds with the naive
 form and the fused op, so that "x naive" goals can be checked against what the GEMMs allow.
+The six run twice: on torch's mm (MKL), and as the cpp op runs them (oneDNN where it has it,
+csrc/cpu/rank_products.h); the floor is the latter.
 
     python bench/gemm_floor.py                         # llama2-7b, the CPU token count
     python bench/gemm_floor.py --case roberta-base --repeats 15 --json floor.json
@@ -20,12 +22,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import methods  # noqa: E402
+from msplora_kernels.backends import cpu_adapter_gemm  # noqa: E402
 import report  # noqa: E402
 import timing  # noqa: E402
 
 
+def _onednn_mm(p, q):
+    return torch.ops.mkldnn._linear_pointwise(p, q.t(), None, "none", [], None)
+
+
 def gemm_calls(case, tokens: int, device):
-    """(the frozen layer's two GEMMs, those plus the adapter's six), on fresh random operands."""
+    """(the frozen layer's two GEMMs, those plus the adapter's six on torch's mm, those plus the
+    six as the cpp op runs them), on fresh random operands."""
     K, N, R = case.in_features, case.out_features, sum(case.ranks)
     x, dy = torch.randn(tokens, K, device=device), torch.randn(tokens, N, device=device)
     w, bias = torch.randn(N, K, device=device) / K**0.5, torch.randn(N, device=device)
@@ -43,7 +51,16 @@ def gemm_calls(case, tokens: int, device):
         torch.mm(b, dy.t()), torch.mm(t.t(), dy)    # dT, dB
         torch.mm(dt, a.t()), torch.mm(dt.t(), x)    # dx's LoRA term, dA
 
-    return frozen, adapted
+    def adapted_as_cpp():
+        if cpu_adapter_gemm() != "onednn":
+            return adapted()
+        frozen()
+        # Each in the orientation the cpp op uses on oneDNN.
+        _onednn_mm(x, a), _onednn_mm(t, b)
+        _onednn_mm(dy, b.t()), _onednn_mm(t.t(), dy)
+        _onednn_mm(dt, a.t()), _onednn_mm(dt.t(), x).t()
+
+    return frozen, adapted, adapted_as_cpp
 
 
 def layer_step(layer, x, dy):
@@ -64,8 +81,9 @@ def main(argv=None) -> dict:
     case = methods.CASES[args.case]
     tokens = args.tokens or case.cpu_tokens
     torch.manual_seed(0)
-    frozen, adapted = gemm_calls(case, tokens, "cpu")
-    fns = {"frozen GEMMs": frozen, "frozen + adapter GEMMs": adapted}
+    frozen, adapted, adapted_as_cpp = gemm_calls(case, tokens, "cpu")
+    floor_name = f"frozen + adapter GEMMs ({cpu_adapter_gemm()})"
+    fns = {"frozen GEMMs": frozen, "frozen + adapter GEMMs (torch mm)": adapted, floor_name: adapted_as_cpp}
     x = torch.randn(tokens, case.in_features, requires_grad=True)
     dy = torch.randn(tokens, case.out_features)
     for dropout in (methods.PAPER_DROPOUT, 0.0):
@@ -74,10 +92,10 @@ def main(argv=None) -> dict:
             fns[f"{method}[{backend or '-'}] dropout {dropout:g}"] = layer_step(layer, x, dy)
     res = timing.time_cpu_interleaved(fns, args.repeats)
     meta = report.metadata("cpu", torch.float32)
-    floor = res["frozen + adapter GEMMs"]["median"]
+    floor = res[floor_name]["median"]
     print(f"{meta['device_name']}, {case.name} ({tokens} tokens), fwd+bwd ms, median of {args.repeats} rounds")
     for name, s in res.items():
-        print(f"  {name:34s} {s['median']:8.2f}  (q20-q80 {s['q20']:.1f}-{s['q80']:.1f})")
+        print(f"  {name:40s} {s['median']:8.2f}  (q20-q80 {s['q20']:.1f}-{s['q80']:.1f})")
     summary = {}
     for dropout in (methods.PAPER_DROPOUT, 0.0):
         naive = res[f"msplora_naive[-] dropout {dropout:g}"]["median"]
