@@ -12,17 +12,17 @@ from . import _native
 
 if _native.loaded():
 
-    # The CPU kernels return T, dT and dA as column-major views (see msplora_cpu.cpp),
-    # the CUDA kernels row-major; the fake kernels report the same strides so that
-    # compiled graphs agree with eager.
-    def _skinny(like, rows, cols):
+    # The kernels return T and dT row-major, and dA row-major on CUDA but as a column-major view
+    # on the CPU, whichever GEMM library ran (see msplora_cpu.cpp); the fake kernels report the
+    # same strides so that compiled graphs agree with eager.
+    def _grad_a_layout(like, rows, cols):
         if like.device.type == "cpu":
             return like.new_empty((cols, rows)).t()
         return like.new_empty((rows, cols))
 
     @torch.library.register_fake("msplora::shrink")
     def _(x, a, p, seed):
-        return _skinny(x, x.shape[0], a.shape[1])
+        return x.new_empty((x.shape[0], a.shape[1]))
 
     @torch.library.register_fake("msplora::expand_linear")
     def _(x, weight, bias, t, b):
@@ -30,7 +30,7 @@ if _native.loaded():
 
     @torch.library.register_fake("msplora::grad_t_b")
     def _(dy, t, b):
-        return _skinny(dy, dy.shape[0], b.shape[0]), dy.new_empty((b.shape[0], b.shape[1]))
+        return dy.new_empty((dy.shape[0], b.shape[0])), dy.new_empty((b.shape[0], b.shape[1]))
 
     @torch.library.register_fake("msplora::grad_x")
     def _(dy, weight, dt, a, p, seed):
@@ -38,7 +38,7 @@ if _native.loaded():
 
     @torch.library.register_fake("msplora::grad_a")
     def _(x, dt, p, seed):
-        return _skinny(x, x.shape[1], dt.shape[1])
+        return _grad_a_layout(x, x.shape[1], dt.shape[1])
 
     @torch.library.register_fake("msplora::dropout_mask")
     def _(x, p, seed):

@@ -67,8 +67,11 @@ at::Tensor dropped(const at::Tensor& x, double p, const at::Tensor& seed) {
 at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, double p, const at::Tensor& seed) {
   check_shrink_args(x, a, p, seed);
   // MKL runs the wide product (R x K)(K x M) faster than the skinny (M x K)(K x R), so there T is
-  // computed as T^T and returned as a column-major (M, R) view; oneDNN is faster the skinny way.
-  return rank_product(dropped(x, p, seed), a, /*transposed_on_mkl=*/true, /*transposed_on_onednn=*/false);
+  // computed as T^T; oneDNN is faster the skinny way. T is returned row-major from either (a copy
+  // of M x R values on MKL), so that its layout, which torch.compile's fake kernel must state,
+  // does not depend on which library ran.
+  return rank_product(dropped(x, p, seed), a, /*transposed_on_mkl=*/true, /*transposed_on_onednn=*/false)
+      .contiguous();
 }
 
 at::Tensor expand_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -84,8 +87,8 @@ at::Tensor expand_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 
 std::tuple<at::Tensor, at::Tensor> grad_t_b_cpu(const at::Tensor& dy, const at::Tensor& t, const at::Tensor& b) {
   check_grad_t_b_args(dy, t, b);
-  // On MKL the wide orientation again: dT^T = b dy^T, returned as a column-major (M, R) view.
-  return {rank_product(dy, b.t(), true, false), rank_product(t.t(), dy, false, false)};
+  // On MKL the wide orientation again, dT^T = b dy^T; dT row-major from either library, as T.
+  return {rank_product(dy, b.t(), true, false).contiguous(), rank_product(t.t(), dy, false, false)};
 }
 
 at::Tensor grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dt, const at::Tensor& a,
@@ -102,7 +105,7 @@ at::Tensor grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::
 at::Tensor grad_a_cpu(const at::Tensor& x, const at::Tensor& dt, double p, const at::Tensor& seed) {
   check_grad_a_args(x, dt, p, seed);
   // dA^T = dT^T x in the wide orientation (faster on both libraries), returned as a column-major
-  // (K, R) view.
+  // (K, R) view from either.
   return rank_product(dropped(x, p, seed).t(), dt, true, true);
 }
 
