@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
                                    "cpp_vs_gemm_floor": fused / floor}
         print(f"  dropout {dropout:g}: GEMM floor / naive {floor / naive:.3f}, cpp / naive {fused / naive:.3f}, "
               f"cpp / GEMM floor {fused / floor:.3f}")
-    out = {"meta": meta, "case": case.name, "tokens": tokens, "timings": res, "summary": summary}
+    out = {"meta": meta, "case": case.name, "tokens": tokens, "timings": res, "floor": floor_name, "summary": summary}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return out
