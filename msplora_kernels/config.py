@@ -130,7 +130,12 @@ class MSPLoraConfig:
     def from_pretrained(cls, directory) -> "MSPLoraConfig":
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"MSPLoraConfig: no {CONFIG_NAME} in {directory}")
+            hint = ""
+            if (Path(directory) / "config.json").is_file():
+                hint = ("; it holds a whole model's config.json (Trainer.save_model or save_pretrained writes the "
+                        "whole model): write the adapter with save_adapter(model, dir), or pass "
+                        "callbacks=[SaveAdapterCallback()] to the Trainer")
+            raise FileNotFoundError(f"MSPLoraConfig: no {CONFIG_NAME} in {directory}{hint}")
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -119,3 +119,12 @@ def test_peft_lora_directory_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not 'MSPLORA'"):
         mk.load_msplora(tiny_bert(), tmp_path)
     assert peft  # the export itself is tested in test_peft_export.py
+
+
+def test_a_whole_model_directory_gets_a_hint(tmp_path):
+    model = mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig())
+    model.save_pretrained(tmp_path)  # what Trainer.save_model writes: the whole model
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json in .*whole model.*save_adapter"):
+        mk.load_msplora(tiny_bert(), tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no adapter_config.json in \S+$"):
+        mk.load_msplora(tiny_bert(), tmp_path / "missing")
