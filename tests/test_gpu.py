@@ -57,6 +57,15 @@ def test_leading_dims_noncontiguous_and_levels(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_weight_stored_in_out(backend, dtype):
+    # A Conv1D base (GPT-2) hands the kernels the transposed view of its (in, out) weight.
+    problem = make_problem((2, 700), 768, 2304, (8, 4, 2), dtype, device="cuda", weight_in_out=True)
+    assert not problem[1].is_contiguous()
+    check_backend_against_reference(backend, problem, dropout_p=0.1, training=True)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_empty_batch(backend):
     x, w, b, As, Bs, s = make_problem((0,), 256, 128, (8, 4, 2), torch.bfloat16, device="cuda")
     y = mk.msplora_linear(x, w, b, As, Bs, s, backend=backend)
