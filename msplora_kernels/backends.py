@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 
 import torch
 
@@ -115,11 +116,12 @@ CPU_GEMM_ENV = "MSPLORA_CPU_GEMM"
 
 def cpu_adapter_gemm() -> str:
     """The library that runs the cpp backend's fp32 rank-R products (csrc/cpu/rank_products.h):
-    'onednn' (torch's mkldnn::_linear_pointwise, where torch has it; products under about a
+    'onednn' (torch's mkldnn::_linear_pointwise, on x86-64 where torch has it; products under about a
     million multiply-adds stay on at::mm) or 'aten' (at::mm); $MSPLORA_CPU_GEMM=aten forces the latter."""
     mode = os.environ.get(CPU_GEMM_ENV) or "auto"
     if mode not in ("auto", "aten"):
         raise ValueError(f"msplora: ${CPU_GEMM_ENV}={mode!r}; choose 'auto' (oneDNN where torch has it) or 'aten'")
     has_onednn = torch._C._dispatch_has_kernel_for_dispatch_key("mkldnn::_linear_pointwise", "CPU")
-    return "onednn" if mode == "auto" and has_onednn else "aten"
+    x86 = platform.machine().lower() in ("x86_64", "amd64")  # where it was measured (rank_products.h)
+    return "onednn" if mode == "auto" and has_onednn and x86 else "aten"
 
