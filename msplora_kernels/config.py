@@ -32,6 +32,9 @@ class MSPLoraConfig:
     backend: the kernel backend of every adapted layer (None: the best available).
     modules_to_save: modules trained in full and saved with the adapter (a classifier head),
         matched by name as target_modules are.
+    layers_to_transform: indices of the layers to adapt (None: all), as in PEFT. A layer keeps
+        its place in the whole stack for the groups: layer i of N shares the mid factors of group
+        floor(g i / N) with the other adapted layers of that group.
     """
 
     target_modules: Union[Sequence[str], str] = ("query", "value")
@@ -42,6 +45,7 @@ class MSPLoraConfig:
     groups: Sequence[Optional[int]] = (1, 3, None)
     backend: Optional[str] = None
     modules_to_save: Sequence[str] = ()
+    layers_to_transform: Optional[Sequence[int]] = None
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
@@ -56,6 +60,15 @@ class MSPLoraConfig:
         self.modules_to_save = tuple(self.modules_to_save or ())
         if not all(isinstance(t, str) and t for t in self.modules_to_save):
             raise ValueError(f"MSPLoraConfig: modules_to_save must be module names, got {self.modules_to_save!r}")
+        if self.layers_to_transform is not None:
+            layers = self.layers_to_transform
+            if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+                layers = (layers,)  # PEFT takes a single int too
+            layers = tuple(layers)
+            if not layers or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0 for i in layers):
+                raise ValueError(f"MSPLoraConfig: layers_to_transform must be layer indices >= 0, "
+                                 f"got {self.layers_to_transform!r}")
+            self.layers_to_transform = tuple(sorted(set(int(i) for i in layers)))
         self.ranks = tuple(self.ranks)
         self.groups = tuple(self.groups)
         n = len(self.ranks)
@@ -103,6 +116,8 @@ class MSPLoraConfig:
         d["target_modules"] = d["target_modules"] if isinstance(d["target_modules"], str) else list(d["target_modules"])
         d["ranks"], d["groups"] = list(self.ranks), list(self.groups)
         d["modules_to_save"] = list(self.modules_to_save)
+        if self.layers_to_transform is not None:
+            d["layers_to_transform"] = list(self.layers_to_transform)
         if isinstance(self.lora_alpha, tuple):
             d["lora_alpha"] = list(self.lora_alpha)
         return {"adapter_type": ADAPTER_TYPE, **d}

@@ -114,7 +114,21 @@ def _sites(model: nn.Module, config: MSPLoraConfig) -> list[_Site]:
         # Several stacks (an encoder and a decoder): each keeps its own shared levels.
         for stack, site in sites:
             site.target = f"{stack.replace('.', '_')}__{site.target}"
-    return [site for _, site in sites]
+    # Chosen after naming, so that a target's factors have the same names whatever the subset.
+    return _only_layers(sites, config.layers_to_transform)
+
+
+def _only_layers(sites: list[tuple[str, _Site]], layers) -> list[_Site]:
+    """The sites in the layers `layers_to_transform` names (all if None). A layer keeps its place
+    in the whole stack: layer i of N still shares the mid factors of group floor(g i / N)."""
+    if layers is None:
+        return [site for _, site in sites]
+    depths = {stack: site.num_layers for stack, site in sites}
+    beyond = [i for i in layers if all(i >= n for n in depths.values())]
+    if beyond:
+        raise ValueError(f"apply_msplora: layers_to_transform has {beyond}, beyond every stack of layers "
+                         f"({', '.join(f'{s} has {n}' for s, n in depths.items())})")
+    return [site for _, site in sites if site.layer in layers]
 
 
 def adapter_dtype_for(weight_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
