@@ -245,9 +245,20 @@ def print_trainable_parameters(model: nn.Module) -> None:
           f"{s['lora_equivalent']:,} ({s['total'] / s['lora_equivalent']:.3f}x)")
 
 
-def merge_adapter(model: nn.Module) -> None:
-    """Fold every adapter into its base weight in place (inference at nn.Linear speed)."""
+def _check_merge_finite(model: nn.Module, who: str) -> None:
+    # Every layer first, so that a refused merge has merged nothing.
+    bad = [path for path, layer in adapted_layers(model) if not layer.merged and not layer.merge_is_finite()]
+    if bad:
+        raise ValueError(f"{who}: merging would put NaN or inf into {len(bad)} layer(s): "
+                         f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}; nothing was merged")
+
+
+def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
+    """Fold every adapter into its base weight in place (inference at nn.Linear speed).
+    safe_merge, as in PEFT: check every merged weight is finite first, and merge nothing if not."""
     _require_adapter(model, "merge_adapter")
+    if safe_merge:
+        _check_merge_finite(model, "merge_adapter")
     for _, layer in adapted_layers(model):
         layer.merge()
 
@@ -295,8 +306,12 @@ def _unload(model: nn.Module, merge: bool) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter and return the model with plain nn.Linear layers, as PEFT does."""
+def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Merge every adapter and return the model with plain nn.Linear layers, as PEFT does
+    (safe_merge as in merge_adapter: on a non-finite merge nothing changes)."""
+    if safe_merge:
+        _require_adapter(model, "merge_and_unload")
+        _check_merge_finite(model, "merge_and_unload")
     return _unload(model, merge=True)
 
 

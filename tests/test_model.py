@@ -246,3 +246,28 @@ def test_one_name_in_places_of_different_shapes_gets_a_target_per_place(tmp_path
     ids = tokens()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_safe_merge_refuses_a_non_finite_update_and_merges_nothing():
+    model = mk.apply_msplora(tiny_llama(), mk.MSPLoraConfig(target_modules=["q_proj", "v_proj"]))
+    layers = dict(mk.adapted_layers(model))
+    for layer in layers.values():
+        torch.nn.init.normal_(layer.levels[2].B, std=0.1)
+    before = {p: layer.weight.detach().clone() for p, layer in layers.items()}
+    with torch.no_grad():
+        layers["model.layers.3.self_attn.v_proj"].levels[2].B[0, 1] = float("nan")
+    for merge in (mk.merge_adapter, mk.merge_and_unload):
+        with pytest.raises(ValueError, match=r"NaN or inf into 1 layer\(s\): model.layers.3.self_attn.v_proj; nothing"):
+            merge(model, safe_merge=True)
+        assert not any(layer.merged for layer in layers.values())
+        assert all(torch.equal(layer.weight, before[p]) for p, layer in layers.items())
+    with pytest.raises(ValueError, match="nothing was merged"):
+        layers["model.layers.3.self_attn.v_proj"].merge(safe_merge=True)
+    # A finite adapter merges as without the check.
+    with torch.no_grad():
+        layers["model.layers.3.self_attn.v_proj"].levels[2].B[0, 1] = 0.5
+    ids = tokens()
+    with torch.no_grad():
+        want = model(ids).logits
+        merged = mk.merge_and_unload(model, safe_merge=True)
+        torch.testing.assert_close(merged(ids).logits, want, rtol=1e-5, atol=1e-5)
