@@ -215,10 +215,10 @@ class MSPLoraLinear(nn.Module):
         return (delta if self.fan_in_fan_out else delta.T).to(self.weight.dtype)
 
     @torch.no_grad()
-    def merge_is_finite(self) -> bool:
-        """Whether weight + the update would hold only finite values (an adapter trained into
-        NaN or inf would otherwise be folded in for good)."""
-        return bool(torch.isfinite(self.weight + self.delta_weight()).all())
+    def merge_is_finite(self, delta: Optional[torch.Tensor] = None) -> bool:
+        """Whether weight + the update (delta_weight(), unless given) would hold only finite values
+        (an adapter trained into NaN or inf would otherwise be folded in for good)."""
+        return bool(torch.isfinite(self.weight + (self.delta_weight() if delta is None else delta)).all())
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False) -> None:
@@ -226,10 +226,11 @@ class MSPLoraLinear(nn.Module):
         first check that the merged weight is finite, and raise (merging nothing) if not."""
         if self.merged:
             return
-        if safe_merge and not self.merge_is_finite():
+        delta = self.delta_weight()
+        if safe_merge and not self.merge_is_finite(delta):
             raise ValueError("MSPLoraLinear.merge: the merged weight would hold NaN or inf (the adapter's update is "
                              "not finite); nothing was merged")
-        self.weight.add_(self.delta_weight())
+        self.weight.add_(delta)
         self.merged = True
 
     @torch.no_grad()

@@ -1,8 +1,7 @@
-// CPU kernels of the msplora ops. The GEMMs are libraries' (rank_products.h
-// picks one for the rank-R products); what is ours is the fusion: all levels in one shrink and one expand, the base GEMMs
-// accumulating into the expand and the LoRA dx term (beta = 1) instead of a
-// separate pass to add them, and the dropout mask regenerated from its seed
-// instead of stored.
+// CPU kernels of the msplora ops. The GEMMs are libraries' (rank_products.h picks one for the
+// rank-R products); what is ours is the fusion: all levels in one shrink and one expand, the base
+// GEMMs accumulating into the expand and the LoRA dx term (beta = 1) instead of a separate pass to
+// add them, and the dropout mask regenerated from its seed instead of stored.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
