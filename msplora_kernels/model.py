@@ -289,8 +289,10 @@ def disable_adapters(model: nn.Module):
             layer.merge()
 
 
-def _unload(model: nn.Module, merge: bool) -> nn.Module:
-    _require_adapter(model, "unload")
+def _unload(model: nn.Module, merge: bool, who: str, safe_merge: bool = False) -> nn.Module:
+    _require_adapter(model, who)
+    if safe_merge:
+        _check_merge_finite(model, who)
     factors = getattr(model, FACTORS_ATTR)
     for path, layer in adapted_layers(model):
         if merge:
@@ -309,12 +311,9 @@ def _unload(model: nn.Module, merge: bool) -> nn.Module:
 def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     """Merge every adapter and return the model with plain nn.Linear layers, as PEFT does
     (safe_merge as in merge_adapter: on a non-finite merge nothing changes)."""
-    if safe_merge:
-        _require_adapter(model, "merge_and_unload")
-        _check_merge_finite(model, "merge_and_unload")
-    return _unload(model, merge=True)
+    return _unload(model, merge=True, who="merge_and_unload", safe_merge=safe_merge)
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove MSPLoRA without merging: the base model as it was, requires_grad flags included."""
-    return _unload(model, merge=False)
+    return _unload(model, merge=False, who="unload")
