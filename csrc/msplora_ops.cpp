@@ -27,4 +27,7 @@ TORCH_LIBRARY(msplora, m) {
   m.def("grad_a(Tensor x, Tensor dt, float p, Tensor seed) -> Tensor");
   // The inverted-dropout multiplier the kernels use for x, as a tensor like x.
   m.def("dropout_mask(Tensor x, float p, Tensor seed) -> Tensor");
+  // dropout(x) itself, the input shrink would compute T from: for a backward that keeps it to
+  // reuse for dA (p = 0 there) instead of regenerating the mask. A copy even when p = 0.
+  m.def("dropout(Tensor x, float p, Tensor seed) -> Tensor");
 }

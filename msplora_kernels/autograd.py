@@ -6,7 +6,8 @@ Forward:  A = [s_1 A_1 | ... | s_n A_n], B = [B_1; ...; B_n] (the levels joined,
           (Triton, $MSPLORA_TRITON_FORWARD=onepass: both in one kernel, for small R)
 Backward: dT, dB = dy B^T, T^T dy   (one pass over dy)
           dx = dy W + mask * (dT A^T)
-          dA = dropout(x)^T dT      (mask regenerated from the seed)
+          dA = dropout(x)^T dT      (mask regenerated from the seed; on the CPU, dropout(x) kept from
+                                     the forward instead)
           dA_i, dB_i = s_i dA[:, level i], dB[level i]  (in each factor's dtype)
           dW = dy^T x, db = sum(dy) only when the base layer is trained.
 
@@ -70,6 +71,17 @@ def _split(grad, ranks, dim, dtypes):
     return [_as(g, dtype) for g, dtype in zip(grad.split_with_sizes(ranks, dim=dim), dtypes)]
 
 
+def _keeps_dropped_input(backend, p, need_as) -> bool:
+    """Whether the forward keeps dropout(x) for dA rather than the backward regenerating it.
+
+    On the CPU (cpp) only, where compute is the scarce resource: regenerating the mask and the
+    masked copy of x cost about 1-2 ms a step at the llama2-7b shape, and keeping it costs one
+    (M, K) tensor per layer, less than PEFT's LoRA keeps (its dropout output and mask). On a GPU
+    the regeneration is one cheap pass and memory is what runs short, so it regenerates.
+    """
+    return backend == "cpp" and p > 0 and any(need_as)
+
+
 class FusedMSPLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p: float, seed, backend: str, scales, *factors):
@@ -78,14 +90,22 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
         ops = fused_op_table(backend)
         ranks = tuple(a_i.shape[1] for a_i in As)
         row = _scale_row(scales, ranks, As[0])
+        keep_dropped = _keeps_dropped_input(backend, p, ctx.needs_input_grad[7 : 7 + levels])
+        x_lora = None  # dropout(x), when it is kept for dA
         with _below_autograd():
             a, b = _joined(As, Bs, row, x.dtype)
             if backend == "triton" and ops.one_pass_forward(a.shape[1]):
                 y, t = ops.shrink_expand_linear(x, weight, bias, a, b, p, seed)
+            elif keep_dropped:
+                x_lora = ops.dropout(x, p, seed)
+                t = ops.shrink(x_lora, a, 0.0, seed)
+                y = ops.expand_linear(x, weight, bias, t, b)
             else:
                 t = ops.shrink(x, a, p, seed)
                 y = ops.expand_linear(x, weight, bias, t, b)
-        ctx.save_for_backward(x, weight, a, b, t, seed, row)
+        # x itself is needed again only for a trained base weight's gradient.
+        x_saved = x if x_lora is None or ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(x_saved, x_lora, weight, a, b, t, seed, row)
         ctx.p, ctx.backend, ctx.ranks = p, backend, ranks
         ctx.a_dtypes, ctx.b_dtypes = [a_i.dtype for a_i in As], [b_i.dtype for b_i in Bs]
         return y
@@ -93,7 +113,7 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, a, b, t, seed, row = ctx.saved_tensors
+        x, x_lora, weight, a, b, t, seed, row = ctx.saved_tensors
         levels = len(ctx.ranks)
         need_x, need_w, need_bias = ctx.needs_input_grad[:3]
         need_as, need_bs = ctx.needs_input_grad[7 : 7 + levels], ctx.needs_input_grad[7 + levels :]
@@ -108,7 +128,8 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
                     dx = ops.grad_x(dy, weight, dt, a, ctx.p, seed)
                 if any(need_as):
                     # dA_i = s_i dropout(x)^T dT_i: grad_a returns a fresh tensor, scaled in place.
-                    da_levels = _split(ops.grad_a(x, dt, ctx.p, seed).mul_(row), ctx.ranks, 1, ctx.a_dtypes)
+                    da = ops.grad_a(x, dt, ctx.p, seed) if x_lora is None else ops.grad_a(x_lora, dt, 0.0, seed)
+                    da_levels = _split(da.mul_(row), ctx.ranks, 1, ctx.a_dtypes)
                 if any(need_bs):
                     db_levels = _split(db, ctx.ranks, 0, ctx.b_dtypes)
             if need_w:

@@ -44,10 +44,15 @@ if _native.loaded():
     def _(x, p, seed):
         return x.new_empty(x.shape)
 
+    @torch.library.register_fake("msplora::dropout")
+    def _(x, p, seed):
+        return x.new_empty(x.shape)
 
-    from .op_autograd import register
+
+    from .op_autograd import register, register_dropout
 
     register("msplora")
+    register_dropout("msplora")
 
 
 def op_table():

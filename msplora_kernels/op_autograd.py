@@ -91,6 +91,21 @@ def register(namespace: str) -> None:
         torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup)
 
 
+def register_dropout(namespace: str) -> None:
+    """dropout(x): the compiled backends' op that returns the masked input itself."""
+
+    def setup(ctx, inputs, output):
+        x, p, seed = inputs
+        ctx.save_for_backward(seed)
+        ctx.p = p
+
+    def backward(ctx, g):
+        (seed,) = ctx.saved_tensors
+        return _masked(g, _mask(g, ctx.p, seed, namespace)), None, None
+
+    torch.library.register_autograd(f"{namespace}::dropout", backward, setup_context=setup)
+
+
 def register_shrink_expand_linear(namespace: str) -> None:
     """The one-pass forward (y, T) = expand_linear(x, W, b, shrink(x, A), B), Triton only."""
 

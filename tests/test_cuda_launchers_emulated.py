@@ -117,6 +117,15 @@ def test_dropout_mask_equals_cpp_bit_for_bit(cuda_ops, cpp_ops, dtype, p):
     assert got.dtype == want.dtype and torch.equal(got, want), f"{(got != want).sum().item()} elements differ"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_dropout_equals_cpp_bit_for_bit(cuda_ops, cpp_ops, dtype, p):
+    x, seed = _rand(37, 70, dtype=dtype, column_major=True), _seed()
+    got, want = cuda_ops.dropout(x, p, seed), cpp_ops.dropout(x, p, seed)
+    assert got.dtype == want.dtype and torch.equal(got, want), f"{(got != want).sum().item()} elements differ"
+    assert got.data_ptr() != x.data_ptr() and got.is_contiguous()
+
+
 def test_unknown_skinny_mode_raises(cuda_ops, monkeypatch):
     monkeypatch.setenv("MSPLORA_CUDA_SKINNY", "tensorcores")
     with pytest.raises(RuntimeError, match="choose auto, kernels or cublas"):

@@ -77,3 +77,29 @@ def test_fused_backends_draw_the_same_mask():
         masks = {b: backend_mask(b, x, 0.25, rng_seed) for b in fused}
         assert torch.equal(masks["cpp"], masks["triton"]), rng_seed
         assert 0.7 < (masks["cpp"] != 0).double().mean() < 0.8
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the compiled CPU kernels")
+def test_cpp_keeps_dropped_input_with_the_same_result(monkeypatch):
+    # On the CPU the forward keeps dropout(x) for dA; regenerating it must give the same bits.
+    from msplora_kernels import autograd as fused
+
+    taken = []
+    keeps = fused._keeps_dropped_input
+    monkeypatch.setattr(fused, "_keeps_dropped_input", lambda *a: taken.append(keeps(*a)) or taken[-1])
+    data_seed = torch.seed()
+
+    def outputs():
+        torch.manual_seed(data_seed)  # the same random problem and dropout seed each time
+        x, w, b, As, Bs, scales = make_problem((40,), 24, 20, (8, 4, 2), torch.float32)
+        y = mk.msplora_linear(x, w, b, As, Bs, scales, dropout_p=0.2, training=True, backend="cpp")
+        y.backward(torch.randn_like(y))
+        return [y.detach(), x.grad] + [t.grad for t in As + Bs]
+
+    kept = outputs()
+    assert taken == [True]
+    monkeypatch.setattr(fused, "_keeps_dropped_input", lambda *a: False)
+    regenerated = outputs()
+    for got, want in zip(kept, regenerated):
+        assert torch.equal(got, want)
+    assert all(g.abs().sum() > 0 for g in kept[1:])

@@ -103,6 +103,7 @@ def _op_cases(ns):
         (ns.grad_x, (dy, w, dt, a, 0.3, seed)),
         (ns.grad_a, (x, dt, 0.3, seed)),
         (ns.dropout_mask, (x, 0.3, seed)),
+        *([(ns.dropout, (x, 0.3, seed))] if hasattr(ns, "dropout") else []),  # the compiled ops only
     ]
 
 

@@ -24,17 +24,18 @@ def op_cases(ns, device="cpu", dtype=torch.float64):
         "grad_x": [(dy, w, dt, a, 0.0, none), (dy, w, dt, a, 0.25, seed)],
         "grad_a": [(x, dt, 0.0, none), (x, dt, 0.25, seed)],
         "dropout_mask": [(x.detach(), 0.25, seed)],
+        "dropout": [(x, 0.0, none), (x, 0.25, seed)],
     }
 
 
-@pytest.mark.parametrize("name", ["shrink", "expand_linear", "grad_t_b", "grad_x", "grad_a", "dropout_mask"])
+@pytest.mark.parametrize("name", ["shrink", "expand_linear", "grad_t_b", "grad_x", "grad_a", "dropout_mask", "dropout"])
 def test_opcheck_cpu(name):
     op = getattr(torch.ops.msplora, name)
     for args in op_cases("msplora")[name]:
         torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("name", ["shrink", "expand_linear", "grad_t_b", "grad_x", "grad_a"])
+@pytest.mark.parametrize("name", ["shrink", "expand_linear", "grad_t_b", "grad_x", "grad_a", "dropout"])
 def test_primitive_op_gradients_are_right(name):
     # The per-op autograd formulas, checked numerically in float64.
     op = getattr(torch.ops.msplora, name)

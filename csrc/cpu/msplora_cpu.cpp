@@ -1,7 +1,8 @@
 // CPU kernels of the msplora ops. The GEMMs are libraries' (rank_products.h picks one for the
 // rank-R products); what is ours is the fusion: all levels in one shrink and one expand, the base
 // GEMMs accumulating into the expand and the LoRA dx term (beta = 1) instead of a separate pass to
-// add them, and the dropout mask regenerated from its seed instead of stored.
+// add them, and the dropout mask hashed from a seed, so that no mask is stored (the forward keeps
+// dropout(x) for dA: autograd.py's _keeps_dropped_input).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -116,6 +117,13 @@ at::Tensor dropout_mask_cpu(const at::Tensor& x, double p, const at::Tensor& see
   return ones;
 }
 
+at::Tensor dropout_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
+  check_matrix(x, "x");
+  check_dropout(p, seed);
+  // Never an alias of x, even at p = 0: the schema promises a new tensor.
+  return p == 0.0 ? x.contiguous().clone() : dropped(x, p, seed);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(msplora, CPU, m) {
@@ -125,6 +133,7 @@ TORCH_LIBRARY_IMPL(msplora, CPU, m) {
   m.impl("grad_x", &grad_x_cpu);
   m.impl("grad_a", &grad_a_cpu);
   m.impl("dropout_mask", &dropout_mask_cpu);
+  m.impl("dropout", &dropout_cpu);
 }
 
 }  // namespace msplora

@@ -176,6 +176,14 @@ at::Tensor dropout_mask_cuda(const at::Tensor& x, double p, const at::Tensor& se
   return out;
 }
 
+at::Tensor dropout_cuda(const at::Tensor& x, double p, const at::Tensor& seed) {
+  check_matrix(x, "x");
+  check_dropout(p, seed);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  return p == 0.0 ? xc.clone() : dropped(xc, p, seed);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(msplora, CUDA, m) {
@@ -185,6 +193,7 @@ TORCH_LIBRARY_IMPL(msplora, CUDA, m) {
   m.impl("grad_x", &grad_x_cuda);
   m.impl("grad_a", &grad_a_cuda);
   m.impl("dropout_mask", &dropout_mask_cuda);
+  m.impl("dropout", &dropout_cuda);
 }
 
 }  // namespace msplora
