@@ -13,6 +13,7 @@ CONFIG_NAME = "adapter_config.json"
 ADAPTER_TYPE = "MSPLORA"
 # target_modules value that adapts every nn.Linear inside the model's stacks of layers.
 ALL_LINEAR = "all-linear"
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclasses.dataclass
@@ -35,6 +36,10 @@ class MSPLoraConfig:
     layers_to_transform: indices of the layers to adapt (None: all), as in PEFT. A layer keeps
         its place in the whole stack for the groups: layer i of N shares the mid factors of group
         floor(g i / N) with the other adapted layers of that group.
+    layers_pattern: the name (or names) of the module list that holds a model's layers, as in
+        PEFT: "resblocks" for a path like "transformer.resblocks.3.attn.q". None: the usual names
+        (layers, layer, h, blocks, block). Unlike PEFT's, it applies with or without
+        layers_to_transform, since every adapted layer needs its place in the pyramid.
     """
 
     target_modules: Union[Sequence[str], str] = ("query", "value")
@@ -46,6 +51,7 @@ class MSPLoraConfig:
     backend: Optional[str] = None
     modules_to_save: Sequence[str] = ()
     layers_to_transform: Optional[Sequence[int]] = None
+    layers_pattern: Optional[Union[str, Sequence[str]]] = None
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
@@ -69,6 +75,12 @@ class MSPLoraConfig:
                 raise ValueError(f"MSPLoraConfig: layers_to_transform must be layer indices >= 0, "
                                  f"got {self.layers_to_transform!r}")
             self.layers_to_transform = tuple(sorted(set(int(i) for i in layers)))
+        if self.layers_pattern is not None:
+            names = (self.layers_pattern,) if isinstance(self.layers_pattern, str) else tuple(self.layers_pattern)
+            if not names or not all(isinstance(n, str) and _MODULE_NAME.fullmatch(n) for n in names):
+                raise ValueError(f"MSPLoraConfig: layers_pattern must be the name(s) of a module list such as "
+                                 f"'layers' or 'h' (no dots), got {self.layers_pattern!r}")
+            self.layers_pattern = names
         self.ranks = tuple(self.ranks)
         self.groups = tuple(self.groups)
         n = len(self.ranks)
@@ -118,6 +130,8 @@ class MSPLoraConfig:
         d["modules_to_save"] = list(self.modules_to_save)
         if self.layers_to_transform is not None:
             d["layers_to_transform"] = list(self.layers_to_transform)
+        if self.layers_pattern is not None:
+            d["layers_pattern"] = list(self.layers_pattern)
         if isinstance(self.lora_alpha, tuple):
             d["lora_alpha"] = list(self.lora_alpha)
         return {"adapter_type": ADAPTER_TYPE, **d}

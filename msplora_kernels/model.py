@@ -8,6 +8,7 @@ tensor once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from dataclasses import dataclass
 
@@ -18,13 +19,20 @@ from .config import ALL_LINEAR, MSPLoraConfig, group_of
 from .layer import LoraLevel, MSPLoraLinear, is_conv1d, linear_features, require_float_weight
 
 FACTORS_ATTR = "msplora_factors"
-# The stack a layer sits in: the first "...layers.<i>." style component of its path.
-_LAYER_INDEX = re.compile(r"(?:^|\.)(layers|layer|h|blocks|block)\.(\d+)(?=\.|$)")
+# The names of the module lists that hold a model's layers, unless the config's layers_pattern says.
+DEFAULT_LAYER_LISTS = ("layers", "layer", "h", "blocks", "block")
 
 
-def layer_position(path: str) -> tuple[str, int] | None:
-    """(stack path, layer index) of a module path's first '...layers.<i>...' component, if any."""
-    m = _LAYER_INDEX.search(path)
+@functools.lru_cache(maxsize=32)
+def _layer_index_regex(names: tuple) -> re.Pattern:
+    return re.compile(rf"(?:^|\.)({'|'.join(map(re.escape, names))})\.(\d+)(?=\.|$)")
+
+
+def layer_position(path: str, layers_pattern=None) -> tuple[str, int] | None:
+    """(stack path, layer index) of a module path's first '<list>.<i>' component, if any, where
+    <list> is one of layers_pattern's names (None: DEFAULT_LAYER_LISTS)."""
+    names = (layers_pattern,) if isinstance(layers_pattern, str) else tuple(layers_pattern or DEFAULT_LAYER_LISTS)
+    m = _layer_index_regex(names).search(path)
     return None if m is None else (path[: m.start(2) - 1], int(m.group(2)))
 
 
@@ -69,7 +77,7 @@ def _targeted(path: str, config: MSPLoraConfig) -> bool:
     if config.target_modules == ALL_LINEAR:
         # As in PEFT, but a linear outside the stacks of layers (lm_head, a pooler, a classifier)
         # has no place in the pyramid, so it is left out rather than refused.
-        return layer_position(path) is not None
+        return layer_position(path, config.layers_pattern) is not None
     return _matches(path, config.target_modules)
 
 
@@ -102,10 +110,12 @@ def _sites(model: nn.Module, config: MSPLoraConfig) -> list[_Site]:
     sites = []
     for path, linear in found:
         require_float_weight(linear, "apply_msplora", path)
-        position = layer_position(path)
+        position = layer_position(path, config.layers_pattern)
         if position is None:
-            raise ValueError(f"apply_msplora: {path!r} is not inside a stack of layers (no '.layers.<i>.' or "
-                             f"'.layer.<i>.' in its path), so it has no place in the pyramid; narrow target_modules")
+            lists = config.layers_pattern or DEFAULT_LAYER_LISTS
+            raise ValueError(f"apply_msplora: {path!r} is not inside a stack of layers (no '<list>.<i>' in its "
+                             f"path for a <list> in {list(lists)}), so it has no place in the pyramid; name the "
+                             f"module list that holds the layers with layers_pattern, or narrow target_modules")
         stack, index = position
         site = _Site(path, linear, path.rsplit(".", 1)[-1], index, len(model.get_submodule(stack)))
         sites.append((stack, site))

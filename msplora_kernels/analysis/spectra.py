@@ -21,8 +21,8 @@ _SHARED = re.compile(rf"^{FACTORS_ATTR}\.targets\.(?P<target>[^.]+)\.level(?P<le
 _OWN = re.compile(r"^(?P<path>.+)\.own_levels\.(?P<level>\d+)\.(?P<ab>[AB])$")
 
 
-def _layer_index(path: str) -> Optional[int]:
-    position = layer_position(path)
+def _layer_index(path: str, layers_pattern=None) -> Optional[int]:
+    position = layer_position(path, layers_pattern)
     return None if position is None else position[1]
 
 
@@ -68,7 +68,7 @@ class FactorPair:
         return factor_singular_values(self.a, self.b, self.scale)
 
 
-def _pairs_from_tensors(tensors: dict, scales) -> list[FactorPair]:
+def _pairs_from_tensors(tensors: dict, config) -> list[FactorPair]:
     found: dict[str, dict] = {}
     for key, t in tensors.items():
         m = _SHARED.match(key)
@@ -82,20 +82,19 @@ def _pairs_from_tensors(tensors: dict, scales) -> list[FactorPair]:
                 continue  # modules_to_save and anything else that is not a factor
             base = key[:-2]
             entry = found.setdefault(base, {"target": m["path"].rsplit(".", 1)[-1], "level": int(m["level"]),
-                                            "group": None, "layer": _layer_index(m["path"])})
+                                            "group": None, "layer": _layer_index(m["path"], config.layers_pattern)})
         entry[m["ab"]] = t
     pairs = []
     for base, e in sorted(found.items()):
         if "A" not in e or "B" not in e:
             raise ValueError(f"analysis: {base} has only one of its two factors")
         level = e["level"]
-        pairs.append(FactorPair(e["target"], level, e["group"], e["layer"], base, e["A"], e["B"], scales[level]))
+        pairs.append(FactorPair(e["target"], level, e["group"], e["layer"], base, e["A"], e["B"], config.scales[level]))
     return pairs
 
 
 def pairs_from_model(model) -> list[FactorPair]:
-    config = model.msplora_config
-    return _pairs_from_tensors(adapter_state_dict(model), config.scales)
+    return _pairs_from_tensors(adapter_state_dict(model), model.msplora_config)
 
 
 def pairs_from_dir(directory) -> tuple[list[FactorPair], "object"]:
@@ -105,7 +104,7 @@ def pairs_from_dir(directory) -> tuple[list[FactorPair], "object"]:
 
     config = MSPLoraConfig.from_pretrained(directory)
     tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
-    return _pairs_from_tensors(tensors, config.scales), config
+    return _pairs_from_tensors(tensors, config), config
 
 
 def lora_layer_spectra(directory) -> dict[str, dict[int, torch.Tensor]]:
@@ -126,7 +125,7 @@ def lora_layer_spectra(directory) -> dict[str, dict[int, torch.Tensor]]:
             continue
         path = key[: -len(".lora_A.weight")]
         b = tensors[path + ".lora_B.weight"]
-        layer = _layer_index(path)
+        layer = _layer_index(path, cfg.get("layers_pattern"))
         if layer is None:
             continue
         out.setdefault(path.rsplit(".", 1)[-1], {})[layer] = factor_singular_values(a.T, b.T, scale)
