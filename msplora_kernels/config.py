@@ -7,7 +7,7 @@ import math
 import numbers
 import re
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 CONFIG_NAME = "adapter_config.json"
 ADAPTER_TYPE = "MSPLORA"
@@ -36,6 +36,11 @@ class MSPLoraConfig:
     layers_to_transform: indices of the layers to adapt (None: all), as in PEFT. A layer keeps
         its place in the whole stack for the groups: layer i of N shares the mid factors of group
         floor(g i / N) with the other adapted layers of that group.
+    rank_pattern: ranks for some layers instead of `ranks`, as in PEFT: {key: ranks}, one rank
+        per level, where a key is a module name or a regex matched against the end of a layer's
+        path ("v_proj", "mlp\\..*"); the first key that matches wins. Layers that share a level
+        must agree on its rank, so a key that picks some layers of a target may change only the
+        per-layer level.
     layers_pattern: the name (or names) of the module list that holds a model's layers, as in
         PEFT: "resblocks" for a path like "transformer.resblocks.3.attn.q". None: the usual names
         (layers, layer, h, blocks, block). Unlike PEFT's, it applies with or without
@@ -52,6 +57,7 @@ class MSPLoraConfig:
     modules_to_save: Sequence[str] = ()
     layers_to_transform: Optional[Sequence[int]] = None
     layers_pattern: Optional[Union[str, Sequence[str]]] = None
+    rank_pattern: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
@@ -99,6 +105,7 @@ class MSPLoraConfig:
             raise ValueError(f"MSPLoraConfig: only the last level can be per layer (None), got groups={self.groups}")
         if any(b <= a for a, b in zip(sized, sized[1:])):
             raise ValueError(f"MSPLoraConfig: groups must increase from level to level, got {self.groups}")
+        self.rank_pattern = self._checked_rank_pattern()
         if isinstance(self.lora_alpha, (list, tuple)):
             self.lora_alpha = tuple(float(a) for a in self.lora_alpha)
             if len(self.lora_alpha) != n:
@@ -109,6 +116,33 @@ class MSPLoraConfig:
             raise ValueError(f"MSPLoraConfig: use_rslora must be true or false, got {self.use_rslora!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"MSPLoraConfig: dropout must be in [0, 1), got {self.dropout!r}")
+
+    def _checked_rank_pattern(self) -> dict:
+        if not isinstance(self.rank_pattern, Mapping):
+            raise ValueError(f"MSPLoraConfig: rank_pattern must map module names or regexes to ranks, "
+                             f"got {self.rank_pattern!r}")
+        checked = {}
+        for key, ranks in self.rank_pattern.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"MSPLoraConfig: rank_pattern keys must be module names or regexes, got {key!r}")
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise ValueError(f"MSPLoraConfig: rank_pattern key {key!r} is not a valid regex: {exc}") from None
+            if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) or len(ranks) != self.num_levels or any(
+                    isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1 for r in ranks):
+                raise ValueError(f"MSPLoraConfig: rank_pattern[{key!r}] must be one int >= 1 per level, as ranks="
+                                 f"{self.ranks} is, got {ranks!r}")
+            checked[key] = tuple(int(r) for r in ranks)
+        return checked
+
+    def ranks_for(self, path: str) -> tuple:
+        """The ranks of the layer at `path`: those of the first rank_pattern key that matches the
+        end of the path (PEFT's rule: the key, as a regex, after nothing or after a '.'), else ranks."""
+        for key, ranks in self.rank_pattern.items():
+            if re.fullmatch(rf"(?:.*\.)?(?:{key})", path):
+                return ranks
+        return self.ranks
 
     @property
     def num_levels(self) -> int:
@@ -132,6 +166,7 @@ class MSPLoraConfig:
             d["layers_to_transform"] = list(self.layers_to_transform)
         if self.layers_pattern is not None:
             d["layers_pattern"] = list(self.layers_pattern)
+        d["rank_pattern"] = {key: list(ranks) for key, ranks in self.rank_pattern.items()}
         if isinstance(self.lora_alpha, tuple):
             d["lora_alpha"] = list(self.lora_alpha)
         return {"adapter_type": ADAPTER_TYPE, **d}

@@ -65,6 +65,7 @@ class _Site:
     target: str
     layer: int
     num_layers: int
+    ranks: tuple = ()  # the config's, or its rank_pattern's for this path
 
 
 def _matches(path: str, target_modules) -> bool:
@@ -117,7 +118,8 @@ def _sites(model: nn.Module, config: MSPLoraConfig) -> list[_Site]:
                              f"path for a <list> in {list(lists)}), so it has no place in the pyramid; name the "
                              f"module list that holds the layers with layers_pattern, or narrow target_modules")
         stack, index = position
-        site = _Site(path, linear, path.rsplit(".", 1)[-1], index, len(model.get_submodule(stack)))
+        site = _Site(path, linear, path.rsplit(".", 1)[-1], index, len(model.get_submodule(stack)),
+                     config.ranks_for(path))
         sites.append((stack, site))
     _name_targets_by_place(sites)
     if len({stack for stack, _ in sites}) > 1:
@@ -171,6 +173,11 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_d
             if shape != first_shape:
                 raise ValueError(f"apply_msplora: {first.path} {first_shape} and {site.path} {shape} would share level "
                                  f"{level} of target {site.target!r} but differ in shape (in, out)")
+            if site.ranks[level] != first.ranks[level]:
+                raise ValueError(f"apply_msplora: rank_pattern gives {first.path} rank {first.ranks[level]} and "
+                                 f"{site.path} rank {site.ranks[level]} at level {level}, which they share (target "
+                                 f"{site.target!r}); give every layer that shares a level one rank for it, or change "
+                                 f"only the per-layer level")
 
     factors = MSPLoraFactors()
     factors.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -187,10 +194,10 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_d
 
         levels = [
             None if g is None else factors.get_or_create(site.target, level, group_of(site.layer, site.num_layers, g),
-                                                         make(config.ranks[level], config.alphas[level]))
+                                                         make(site.ranks[level], config.alphas[level]))
             for level, g in enumerate(config.groups)
         ]
-        layer = MSPLoraLinear.from_linear(site.linear, ranks=config.ranks, lora_alpha=config.alphas, use_rslora=config.use_rslora,
+        layer = MSPLoraLinear.from_linear(site.linear, ranks=site.ranks, lora_alpha=config.alphas, use_rslora=config.use_rslora,
                                           dropout=config.dropout, levels=levels, backend=config.backend, dtype=dtype)
         parent_path, _, attr = site.path.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, layer)
@@ -223,24 +230,25 @@ def _require_adapter(model: nn.Module, who: str) -> MSPLoraConfig:
 
 def summary(model: nn.Module) -> dict:
     """Trainable parameters per level and in total, next to LoRA's count for the same layers
-    at the global rank (what the paper compares against)."""
+    at the global rank (what the paper compares against; each layer's own, under rank_pattern)."""
     config = _require_adapter(model, "summary")
     layers = adapted_layers(model)
     per_level = []
     for level in range(config.num_levels):
         unique = {id(layer.levels[level]): layer.levels[level] for _, layer in layers}
+        ranks = sorted({lvl.rank for lvl in unique.values()})
         per_level.append({
             "level": level,
-            "rank": config.ranks[level],
+            "rank": ranks[0] if len(ranks) == 1 else ranks,  # a list where rank_pattern varies it
             "groups": config.groups[level] if config.groups[level] is not None else "per layer",
             "factor_pairs": len(unique),
             "params": sum(lvl.A.numel() + lvl.B.numel() for lvl in unique.values()),
         })
     total = sum(row["params"] for row in per_level)
-    lora = sum(config.ranks[0] * (layer.in_features + layer.out_features) for _, layer in layers)
+    lora = sum(layer.ranks[0] * (layer.in_features + layer.out_features) for _, layer in layers)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     every = sum(p.numel() for p in model.parameters())
-    return {"levels": per_level, "total": total, "lora_rank": config.ranks[0], "lora_equivalent": lora,
+    return {"levels": per_level, "total": total, "lora_rank": per_level[0]["rank"], "lora_equivalent": lora,
             "adapted_layers": len(layers), "trainable": trainable, "all_params": every}
 
 
@@ -249,7 +257,7 @@ def print_trainable_parameters(model: nn.Module) -> None:
     print(f"trainable params: {s['trainable']:,} || all params: {s['all_params']:,} || "
           f"trainable%: {100 * s['trainable'] / max(s['all_params'], 1):.4f}")
     for row in s["levels"]:
-        print(f"  level {row['level']}: rank {row['rank']:>3}, groups {row['groups']!s:>9}, "
+        print(f"  level {row['level']}: rank {row['rank']!s:>3}, groups {row['groups']!s:>9}, "
               f"{row['factor_pairs']:>4} factor pairs, {row['params']:,} params")
     print(f"  MSPLoRA total {s['total']:,} vs LoRA r={s['lora_rank']} on the same {s['adapted_layers']} layers "
           f"{s['lora_equivalent']:,} ({s['total'] / s['lora_equivalent']:.3f}x)")

@@ -6,6 +6,7 @@ every serving stack that takes PEFT LoRA adapters (vLLM needs --max-lora-rank >=
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -31,7 +32,8 @@ def peft_lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None = None) -> int:
-    """Write a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors); returns its rank R."""
+    """Write a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors); returns its rank R
+    (the largest, where rank_pattern gives layers different ranks)."""
     try:
         import peft
     except ImportError as exc:
@@ -43,9 +45,14 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None
     if any(layer.merged for _, layer in layers):
         raise ValueError("export_peft: some layers are merged; unmerge_adapter(model) first, or the export would count the update twice")
     rank = sum(config.ranks)
+    # Layers that rank_pattern gave other ranks: their own R, and alpha = R to keep the scaling 1.
+    # Keys are escaped paths, which PEFT matches as regexes against each layer's path.
+    other = {re.escape(path): sum(layer.ranks) for path, layer in layers if sum(layer.ranks) != rank}
     lora = peft.LoraConfig(
         r=rank,
         lora_alpha=rank,
+        rank_pattern=other,
+        alpha_pattern=dict(other),
         target_modules=[path for path, _ in layers],
         lora_dropout=config.dropout,
         fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),  # Conv1D bases (GPT-2)
@@ -57,4 +64,4 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None
     directory.mkdir(parents=True, exist_ok=True)
     lora.save_pretrained(str(directory))
     save_file(peft_lora_tensors(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    return rank
+    return max([rank, *other.values()])

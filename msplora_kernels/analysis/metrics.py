@@ -10,6 +10,7 @@ from .spectra import FactorPair, effective_rank_space, entropy_effective_rank, l
 def _factor_entry(pair: FactorPair, sigma: torch.Tensor, top_k: int) -> dict:
     return {
         "name": pair.name, "target": pair.target, "level": pair.level, "group": pair.group, "layer": pair.layer,
+        "rank": pair.a.shape[1],
         "top_singular_values": sigma[:top_k].tolist(),
         "effective_rank_space": effective_rank_space(sigma),
         "entropy_effective_rank": entropy_effective_rank(sigma),
@@ -37,14 +38,18 @@ def analyze(pairs: list[FactorPair], config, lora_dir=None, top_k: int = 8) -> d
     PEFT LoRA adapter, its KL matrix and the difference MSPLoRA minus LoRA (paper Fig. 4)."""
     factors = [_factor_entry(p, p.singular_values(), top_k) for p in pairs]
     levels = []
-    for level, rank in enumerate(config.ranks):
+    for level in range(config.num_levels):
         rows = [f for f in factors if f["level"] == level]
         eranks = [f["entropy_effective_rank"] for f in rows]
-        mean_space = torch.tensor([f["effective_rank_space"] for f in rows]).mean(0).tolist() if rows else []
+        ranks = sorted({f["rank"] for f in rows}) or [config.ranks[level]]
+        # Curves of different lengths (rank_pattern) have no mean; the normalized rank still does.
+        mean_space = torch.tensor([f["effective_rank_space"] for f in rows]).mean(0).tolist() if rows and len(ranks) == 1 else []
         levels.append({
-            "level": level, "rank": rank, "groups": config.groups[level], "factor_pairs": len(rows),
+            "level": level, "rank": ranks[0] if len(ranks) == 1 else ranks, "groups": config.groups[level],
+            "factor_pairs": len(rows),
             "mean_entropy_effective_rank": sum(eranks) / len(eranks) if eranks else None,
-            "mean_entropy_effective_rank_over_rank": (sum(eranks) / len(eranks) / rank) if eranks else None,
+            "mean_entropy_effective_rank_over_rank": sum(f["entropy_effective_rank"] / f["rank"] for f in rows) / len(rows)
+            if rows else None,
             "mean_effective_rank_space": mean_space,
         })
     last = len(config.ranks) - 1

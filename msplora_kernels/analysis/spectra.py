@@ -89,7 +89,9 @@ def _pairs_from_tensors(tensors: dict, config) -> list[FactorPair]:
         if "A" not in e or "B" not in e:
             raise ValueError(f"analysis: {base} has only one of its two factors")
         level = e["level"]
-        pairs.append(FactorPair(e["target"], level, e["group"], e["layer"], base, e["A"], e["B"], config.scales[level]))
+        # The rank from the tensor, not config.ranks: rank_pattern may give this layer others.
+        scale = level_scale(config.alphas[level], e["A"].shape[1], config.use_rslora)
+        pairs.append(FactorPair(e["target"], level, e["group"], e["layer"], base, e["A"], e["B"], scale))
     return pairs
 
 
