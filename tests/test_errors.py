@@ -106,6 +106,18 @@ def e_quantized_base():
     mk.apply_msplora(model, mk.MSPLoraConfig(target_modules=["q_proj"]))
 
 
+def e_rank_pattern_splits_a_level():
+    config = mk.MSPLoraConfig(target_modules=["q_proj"], rank_pattern={r"layers\.0\.self_attn\.q_proj": (16, 4, 2)})
+    mk.apply_msplora(tiny_llama(), config)
+
+
+def e_outside_a_stack():
+    # A module list of a name apply_msplora does not know (OpenCLIP's resblocks).
+    model = torch.nn.Module()
+    model.resblocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
+    mk.apply_msplora(model, mk.MSPLoraConfig(target_modules=["0", "1"]))
+
+
 def _saved(tmp_path, **cfg):
     model = mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig(**cfg))
     mk.save_adapter(model, tmp_path)
@@ -159,6 +171,9 @@ CATALOGUE = {
     "E19": (e_adapter_keys, mk.AdapterMismatchError, "missing from the file:"),
     "E20": (e_adapter_corrupt, mk.AdapterMismatchError, "is corrupted or truncated"),
     "E21": (e_quantized_base, TypeError, "model.layers.1.self_attn.q_proj (Linear) has a torch.int8 weight of shape (32, 32)"),
+    "E22": (e_rank_pattern_splits_a_level, ValueError, "rank_pattern gives model.layers.0.self_attn.q_proj rank 16 and "
+            "model.layers.1.self_attn.q_proj rank 8 at level 0, which they share"),
+    "E23": (e_outside_a_stack, ValueError, "'resblocks.0' is not inside a stack of layers"),
 }
 
 
