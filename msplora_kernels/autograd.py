@@ -96,12 +96,10 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
             a, b = _joined(As, Bs, row, x.dtype)
             if backend == "triton" and ops.one_pass_forward(a.shape[1]):
                 y, t = ops.shrink_expand_linear(x, weight, bias, a, b, p, seed)
-            elif keep_dropped:
-                x_lora = ops.dropout(x, p, seed)
-                t = ops.shrink(x_lora, a, 0.0, seed)
-                y = ops.expand_linear(x, weight, bias, t, b)
             else:
-                t = ops.shrink(x, a, p, seed)
+                if keep_dropped:
+                    x_lora = ops.dropout(x, p, seed)
+                t = ops.shrink(x, a, p, seed) if x_lora is None else ops.shrink(x_lora, a, 0.0, seed)
                 y = ops.expand_linear(x, weight, bias, t, b)
         # x itself is needed again only for a trained base weight's gradient.
         x_saved = x if x_lora is None or ctx.needs_input_grad[1] else None
