@@ -16,6 +16,11 @@ ALL_LINEAR = "all-linear"
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def _is_int_at_least(value, least: int) -> bool:
+    # bool is an Integral too, but True is no rank or layer index.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
 @dataclasses.dataclass
 class MSPLoraConfig:
     """MSPLoRA settings, in PEFT's spirit.
@@ -75,9 +80,9 @@ class MSPLoraConfig:
         if self.layers_to_transform is not None:
             layers = self.layers_to_transform
             if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
-                layers = (layers,)  # PEFT takes a single int too
+                layers = (layers,)  # PEFT takes a single int too (a negative one is refused below)
             layers = tuple(layers)
-            if not layers or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0 for i in layers):
+            if not layers or not all(_is_int_at_least(i, 0) for i in layers):
                 raise ValueError(f"MSPLoraConfig: layers_to_transform must be layer indices >= 0, "
                                  f"got {self.layers_to_transform!r}")
             self.layers_to_transform = tuple(sorted(set(int(i) for i in layers)))
@@ -93,13 +98,13 @@ class MSPLoraConfig:
         if n == 0:
             raise ValueError("MSPLoraConfig: ranks is empty; give at least one level")
         for r in self.ranks:
-            if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+            if not _is_int_at_least(r, 1):
                 raise ValueError(f"MSPLoraConfig: every rank must be an int >= 1, got ranks={self.ranks}")
         if len(self.groups) != n:
             raise ValueError(f"MSPLoraConfig: groups has {len(self.groups)} entries but ranks has {n}: "
                              f"groups={self.groups}, ranks={self.ranks}")
         sized = [g for g in self.groups if g is not None]
-        if any(isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 1 for g in sized):
+        if not all(_is_int_at_least(g, 1) for g in sized):
             raise ValueError(f"MSPLoraConfig: groups must be ints >= 1 or None, got {self.groups}")
         if any(g is None for g in self.groups[:-1]):
             raise ValueError(f"MSPLoraConfig: only the last level can be per layer (None), got groups={self.groups}")
@@ -129,8 +134,8 @@ class MSPLoraConfig:
                 re.compile(key)
             except re.error as exc:
                 raise ValueError(f"MSPLoraConfig: rank_pattern key {key!r} is not a valid regex: {exc}") from None
-            if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) or len(ranks) != self.num_levels or any(
-                    isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1 for r in ranks):
+            if (isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) or len(ranks) != self.num_levels
+                    or not all(_is_int_at_least(r, 1) for r in ranks)):
                 raise ValueError(f"MSPLoraConfig: rank_pattern[{key!r}] must be one int >= 1 per level, as ranks="
                                  f"{self.ranks} is, got {ranks!r}")
             checked[key] = tuple(int(r) for r in ranks)
