@@ -8,6 +8,7 @@ Build switches (environment variables):
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
@@ -36,6 +37,12 @@ def default_max_jobs() -> None:
     os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(mem_gib // 3))))
 
 
+def version() -> str:
+    # Written once, in msplora_kernels/_version.py; read here without importing the package.
+    text = open(os.path.join(HERE, "msplora_kernels", "_version.py"), encoding="utf-8").read()
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+
+
 def extensions():
     debug = os.environ.get("MSPLORA_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
@@ -57,7 +64,7 @@ def extensions():
 
 setup(
     name="msplora-kernels",
-    version="0.1.0",
+    version=version(),
     description="Fused kernels for MSPLoRA (multi-scale pyramid LoRA) fine-tuning",
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",

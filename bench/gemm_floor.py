@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import methods  # noqa: E402
-from msplora_kernels.backends import cpu_adapter_gemm  # noqa: E402
+from msplora_kernels.ops.native import cpu_adapter_gemm  # noqa: E402
 import report  # noqa: E402
 import timing  # noqa: E402
 

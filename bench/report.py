@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from msplora_kernels.backends import cpu_adapter_gemm
+import msplora_kernels as mk
+from msplora_kernels.ops.native import cpu_adapter_gemm
 
 
 def device_name(device) -> str:
@@ -53,6 +54,8 @@ def metadata(device, dtype) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "cpu_adapter_gemm": cpu_adapter_gemm(),  # the library of the cpp backend's rank-R products
+        "settings": {name: v["value"] for name, v in mk.backend_info()["settings"].items()},
+        "gemm_libraries": {name: b["gemm_library"] for name, b in mk.backend_info()["backends"].items()},
         "python": platform.python_version(),
         "git_commit": commit,
         "git_dirty": dirty,

@@ -1,26 +1,24 @@
-"""msplora_kernels: fused kernels and a drop-in layer for MSPLoRA fine-tuning."""
-from . import _native, native_ops  # noqa: F401  (load the compiled ops and their fake kernels)
-from .adapter_io import adapter_state_dict, load_adapter, load_msplora, save_adapter
-from .backends import available_backends
-from .config import MSPLoraConfig
-from .errors import AdapterMismatchError, DtypeMismatchError
-from .functional import msplora_linear
-from .layer import LoraLevel, MSPLoraLinear
-from .model import (
-    adapted_layers,
-    apply_msplora,
-    disable_adapters,
-    merge_adapter,
-    merge_and_unload,
-    print_trainable_parameters,
-    summary,
-    unload,
-    unmerge_adapter,
-)
-from .peft_export import export_peft
-from .reference import msplora_linear_reference
+"""msplora_kernels: fused kernels and a drop-in layer for MSPLoRA fine-tuning.
 
-__version__ = "0.1.0"
+The public API. Below it: models/ (layers, injection into models, adapter files), then ops/
+(the functional form, autograd, the op contract, backends), then the per-device kernels
+(csrc/ compiled as msplora_kernels._C, and triton_kernels/ installed as
+msplora_kernels.triton_kernels).
+"""
+from ._version import __version__
+from .errors import AdapterMismatchError, DtypeMismatchError
+from .models.adapter_io import adapter_state_dict, load_adapter, load_msplora, save_adapter
+from .models.config import MSPLoraConfig
+from .models.counts import print_trainable_parameters, summary
+from .models.inject import adapted_layers, apply_msplora
+from .models.layer import LoraLevel, MSPLoraLinear
+from .models.merging import disable_adapters, merge_adapter, merge_and_unload, unload, unmerge_adapter
+from .models.peft_export import export_peft
+from .ops import native  # noqa: F401  (loads the compiled ops)
+from .ops.backends import available_backends, backend_info
+from .ops.functional import msplora_linear
+from .ops.reference import msplora_linear_reference
+from .ops.settings import configure
 
 __all__ = [
     "AdapterMismatchError",
@@ -28,10 +26,13 @@ __all__ = [
     "LoraLevel",
     "MSPLoraConfig",
     "MSPLoraLinear",
+    "__version__",
     "adapted_layers",
     "adapter_state_dict",
     "apply_msplora",
     "available_backends",
+    "backend_info",
+    "configure",
     "disable_adapters",
     "export_peft",
     "load_adapter",

@@ -15,3 +15,34 @@ def _fresh_seed(request):
     # Fresh random inputs per test, repeatable from the test's id.
     torch.manual_seed(sum(map(ord, request.node.nodeid)) * 7919 % (2**31))
     yield
+
+
+@pytest.fixture(scope="session")
+def emulated_cuda_ops(tmp_path_factory):
+    """The cuda backend's launchers (csrc/cuda/msplora_cuda.cpp) built for CPU tensors with the
+    emulated kernels (tests/cuda_emulation.py), once per session."""
+    from cuda_emulation import build_launchers, gxx_major
+
+    if gxx_major() < 12:
+        pytest.skip("needs g++ 12 or newer (_Float16 stands in for __half)")
+    return build_launchers(tmp_path_factory.mktemp("cuda_launchers"))
+
+
+@pytest.fixture
+def emulated_cuda_backend(emulated_cuda_ops):
+    """A backend named "cuda-emulated" on CPU tensors, while the test runs: the cuda backend's
+    record (capabilities included) over the emulated launchers' op table."""
+    import dataclasses
+
+    from msplora_kernels.ops import backends
+
+    record = dataclasses.replace(backends.BACKENDS["cuda"], name="cuda-emulated", device_types=("cpu",),
+                                 load_ops=lambda: emulated_cuda_ops, why_not=lambda device_type: [])
+    backends.BACKENDS[record.name] = record
+    backends.PREFERENCE["cpu"] = (*backends.PREFERENCE["cpu"], record.name)
+    backends._available.cache_clear()
+    yield record.name
+    del backends.BACKENDS[record.name]
+    backends._OP_TABLES.pop(record.name, None)
+    backends.PREFERENCE["cpu"] = tuple(n for n in backends.PREFERENCE["cpu"] if n != record.name)
+    backends._available.cache_clear()

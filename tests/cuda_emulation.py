@@ -2,8 +2,9 @@
 
 g++ cannot parse `kernel<<<grid, block, smem, stream>>>(args)`, so the kernels' source is
 rewritten into `::emu::launch(kernel, grid, block, smem, stream, args)`; the launchers' device
-registration is rewritten into a namespace of its own, so that they run on CPU tensors next to
-the cpp backend's registration of the same ops.
+registration, and the settings ops they follow (csrc/settings.cpp), are rewritten into a namespace
+of their own, so that they run on CPU tensors next to the cpp backend's registration of the same
+ops, with settings of their own.
 """
 import re
 import shutil
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EMULATOR = ROOT / "tests" / "cuda_emulator"
 KERNELS = ROOT / "csrc" / "cuda" / "msplora_kernels.cu"
 LAUNCHERS = ROOT / "csrc" / "cuda" / "msplora_cuda.cpp"
+SETTINGS = ROOT / "csrc" / "settings.cpp"
 INCLUDES = [EMULATOR, KERNELS.parent, ROOT / "csrc"]  # the stand-ins first
 NAMESPACE = "msplora_emulated_cuda"
 _LAUNCH = re.compile(r"(\w+<T>)<<<(.+?)>>>\(")
@@ -55,3 +57,25 @@ def launchers_as_cpp(out_dir: Path) -> Path:
     path = out_dir / "msplora_cuda_emulated.cpp"
     path.write_text(rewritten)
     return path
+
+
+def settings_as_cpp(out_dir: Path) -> Path:
+    source = SETTINGS.read_text()
+    fragment = "TORCH_LIBRARY_FRAGMENT(msplora, m)"
+    assert source.count(fragment) == 1, f"expected one {fragment} in {SETTINGS.name}"
+    path = out_dir / "settings_emulated.cpp"
+    path.write_text(source.replace(fragment, f"TORCH_LIBRARY_FRAGMENT({NAMESPACE}, m)"))
+    return path
+
+
+def build_launchers(out_dir: Path):
+    """Compile the launchers with the emulated kernels and their settings ops; returns their op
+    table, torch.ops.msplora_emulated_cuda."""
+    import torch
+    from torch.utils.cpp_extension import load
+
+    sources = [kernels_as_cpp(out_dir), launchers_as_cpp(out_dir), settings_as_cpp(out_dir)]
+    load(name=NAMESPACE, sources=[str(s) for s in sources], extra_include_paths=[str(p) for p in INCLUDES],
+         extra_cflags=["-O1", "-Wno-unknown-pragmas"], build_directory=str(out_dir), is_python_module=False,
+         verbose=False)
+    return getattr(torch.ops, NAMESPACE)

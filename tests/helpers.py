@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 
 from msplora_kernels import msplora_linear, msplora_linear_reference
-from msplora_kernels.backends import fused_op_table
-from msplora_kernels.functional import draw_seed
-from msplora_kernels.reference import torch_dropout_mask
+from msplora_kernels.ops.backends import BACKENDS
+from msplora_kernels.ops.functional import draw_seed
 
 # Absolute floors for exact-ish dtypes; low-precision dtypes are judged against the
 # reference's own error in that dtype (see assert_close_to_truth).
@@ -55,21 +54,24 @@ def detached_copy(tensors, dtype=None):
     return out
 
 
-def backend_mask(backend: str, x: torch.Tensor, p: float, rng_seed: int) -> torch.Tensor:
-    """The dropout mask `backend` drew after torch.manual_seed(rng_seed), shaped like x."""
+def drawn_seed(x: torch.Tensor, rng_seed: int) -> torch.Tensor:
+    """The dropout seed msplora_linear draws for x after torch.manual_seed(rng_seed)."""
     torch.manual_seed(rng_seed)
-    if backend == "torch":
-        return torch_dropout_mask(x.shape, p, int(draw_seed("cpu")), x.device, x.dtype)
-    seed = draw_seed(x.device)
+    return draw_seed(x.device)
+
+
+def backend_mask(backend: str, x: torch.Tensor, p: float, rng_seed: int) -> torch.Tensor:
+    """The dropout mask `backend`'s own op draws after torch.manual_seed(rng_seed), shaped like x."""
+    seed = drawn_seed(x, rng_seed)
     x2d = x.detach().reshape(-1, x.shape[-1]).contiguous()
-    return fused_op_table(backend).dropout_mask(x2d, p, seed).reshape(x.shape)
+    return BACKENDS[backend].ops.dropout_mask(x2d, p, seed).reshape(x.shape)
 
 
-def run(fn_backend, problem, grad_out, *, dropout_p=0.0, training=False, mask=None, rng_seed=0):
-    """Forward and backward; returns (y, {name: grad})."""
+def run(fn_backend, problem, grad_out, *, dropout_p=0.0, training=False, seed=None, rng_seed=0):
+    """Forward and backward; returns (y, {name: grad}). The reference takes the dropout seed itself."""
     x, weight, bias, As, Bs, scales = problem
     if fn_backend == "reference":
-        y = msplora_linear_reference(x, weight, bias, As, Bs, scales, mask)
+        y = msplora_linear_reference(x, weight, bias, As, Bs, scales, dropout_p if seed is not None else 0.0, seed)
     else:
         torch.manual_seed(rng_seed)
         y = msplora_linear(x, weight, bias, As, Bs, scales, dropout_p=dropout_p, training=training, backend=fn_backend)
@@ -102,20 +104,18 @@ def assert_close_to_truth(name, got, truth, same_precision_ref, dtype):
 
 def check_backend_against_reference(backend, problem, *, dropout_p=0.0, training=False, rng_seed=1234):
     """Run `backend` and the reference (float64 truth and same dtype) on the same inputs and
-    grad_output; with dropout, the reference uses the mask the backend drew."""
+    grad_output; with dropout, the reference draws its mask from the seed the backend's call drew."""
     x = problem[0]
     dtype = x.dtype
     out_f = problem[1].shape[0]
     grad_out = torch.randn(*x.shape[:-1], out_f, dtype=torch.float64, device=x.device)
-    mask = None
-    if training and dropout_p > 0:
-        mask = backend_mask(backend, x, dropout_p, rng_seed)
+    seed = drawn_seed(x, rng_seed) if training and dropout_p > 0 else None
     y, grads = run(backend, problem, grad_out, dropout_p=dropout_p, training=training, rng_seed=rng_seed)
     truth_problem = detached_copy(problem[:2], torch.float64) + [detached_copy([problem[2]], torch.float64)[0]]
     truth_problem += [detached_copy(problem[3], torch.float64), detached_copy(problem[4], torch.float64), problem[5]]
     same_problem = detached_copy(problem[:3]) + [detached_copy(problem[3]), detached_copy(problem[4]), problem[5]]
-    y64, g64 = run("reference", truth_problem, grad_out, mask=None if mask is None else mask.double())
-    y_lp, g_lp = run("reference", same_problem, grad_out, mask=mask)
+    y64, g64 = run("reference", truth_problem, grad_out, dropout_p=dropout_p, seed=seed)
+    y_lp, g_lp = run("reference", same_problem, grad_out, dropout_p=dropout_p, seed=seed)
     assert y.dtype == dtype, f"output dtype {y.dtype} != input dtype {dtype}"
     assert_close_to_truth("y", y, y64, y_lp, dtype)
     assert set(grads) == set(g64), f"gradients for {sorted(grads)} but expected {sorted(g64)}"

@@ -6,7 +6,8 @@ import torch
 
 import msplora_kernels as mk
 from helpers import check_backend_against_reference, make_problem
-from msplora_kernels.backends import cpu_adapter_gemm
+from msplora_kernels.ops import settings
+from msplora_kernels.ops.native import cpu_adapter_gemm
 
 pytestmark = pytest.mark.skipif("cpp" not in mk.available_backends("cpu"), reason="needs the compiled cpp backend")
 HAS_ONEDNN = torch._C._dispatch_has_kernel_for_dispatch_key("mkldnn::_linear_pointwise", "CPU")
@@ -24,11 +25,16 @@ def _shrink_libraries(x, a) -> set:
     return found
 
 
-@pytest.mark.parametrize("mode", ["auto", "aten"])
+@pytest.fixture
+def cpu_gemm(request):
+    with settings.overridden(cpu_gemm=request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("cpu_gemm", ["auto", "aten"], indirect=True)
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("train_base", [False, True], ids=["frozen", "trained"])
-def test_both_libraries_match_the_reference(monkeypatch, mode, dropout, train_base):
-    monkeypatch.setenv("MSPLORA_CPU_GEMM", mode)
+def test_both_libraries_match_the_reference(cpu_gemm, dropout, train_base):
     problem = make_problem(LARGE["lead"], LARGE["in_f"], LARGE["out_f"], LARGE["ranks"], torch.float32,
                            train_base=train_base)
     check_backend_against_reference("cpp", problem, dropout_p=dropout, training=dropout > 0)
@@ -41,22 +47,24 @@ def test_other_dtypes_at_the_large_shape(dtype):
     check_backend_against_reference("cpp", problem, dropout_p=0.1, training=True)
 
 
-def test_the_choice_follows_the_environment_and_the_size(monkeypatch):
+def test_the_choice_follows_the_setting_and_the_size():
     x, a = torch.randn(256, 512), torch.randn(512, 14)
-    monkeypatch.setenv("MSPLORA_CPU_GEMM", "aten")
-    assert cpu_adapter_gemm() == "aten" and _shrink_libraries(x, a) == {"aten"}
-    monkeypatch.delenv("MSPLORA_CPU_GEMM")
+    with settings.overridden(cpu_gemm="aten"):
+        assert cpu_adapter_gemm() == "aten" and _shrink_libraries(x, a) == {"aten"}
+        assert torch.ops.msplora.get_setting("cpu_gemm") == "aten"
+    if HAS_ONEDNN:
+        with settings.overridden(cpu_gemm="onednn"):
+            assert _shrink_libraries(x, a) == {"onednn"} and torch.ops.msplora.get_setting("cpu_gemm") == "onednn"
     assert cpu_adapter_gemm() == ("onednn" if HAS_ONEDNN else "aten")
     assert _shrink_libraries(x, a) == {cpu_adapter_gemm()}
     # A small product stays on at::mm, where oneDNN's setup would cost more than it saves.
     assert "aten" in _shrink_libraries(torch.randn(16, 64), torch.randn(64, 14))
 
 
-@pytest.mark.parametrize("mode", ["auto", "aten"])
+@pytest.mark.parametrize("cpu_gemm", ["auto", "aten"], indirect=True)
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_fake_kernels_state_the_real_strides_at_the_large_shape(monkeypatch, mode, p):
+def test_fake_kernels_state_the_real_strides_at_the_large_shape(cpu_gemm, p):
     # torch.compile plans with the fake kernels' strides; they must hold for either library.
-    monkeypatch.setenv("MSPLORA_CPU_GEMM", mode)
     ops, seed = torch.ops.msplora, torch.tensor([11], dtype=torch.int64)
     x, w, bias = torch.randn(256, 512), torch.randn(384, 512), torch.randn(384)
     a, b, dy = torch.randn(512, 14), torch.randn(14, 384), torch.randn(256, 384)
@@ -68,12 +76,14 @@ def test_fake_kernels_state_the_real_strides_at_the_large_shape(monkeypatch, mod
 
 
 def test_an_unknown_choice_is_refused(monkeypatch):
+    with pytest.raises(ValueError, match=r"configure\(\) sets cpu_gemm='blis'; choose one of \['auto'"):
+        mk.configure(cpu_gemm="blis")
     monkeypatch.setenv("MSPLORA_CPU_GEMM", "blis")
-    x, a = torch.randn(256, 512), torch.randn(512, 14)
-    with pytest.raises(RuntimeError, match=r"\$MSPLORA_CPU_GEMM=blis; choose 'auto'"):
-        torch.ops.msplora.shrink(x, a, 0.0, torch.empty(0, dtype=torch.int64))
-    with pytest.raises(ValueError, match=r"\$MSPLORA_CPU_GEMM='blis'"):
-        cpu_adapter_gemm()
+    with pytest.raises(ValueError, match=r"\$MSPLORA_CPU_GEMM sets cpu_gemm='blis'"):
+        settings.from_environment()
+    assert settings.get("cpu_gemm") == "auto"  # nothing was set
+    with pytest.raises(RuntimeError, match="setting cpu_gemm cannot be 'blis'"):
+        torch.ops.msplora.set_setting("cpu_gemm", "blis")
 
 
 def test_compiled_layer_matches_eager_at_the_large_shape():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cuda_emulation import EMULATOR, INCLUDES, kernels_as_cpp, requirements
-from msplora_kernels.backends import fused_op_table
+from msplora_kernels.ops import reference
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DTYPES = list(DTYPE_CODE)
@@ -88,7 +88,7 @@ def _keep(rows, cols, p, seed) -> torch.Tensor:
     """The cpp backend's dropout multiplier (0 or 1/(1-p)) in float64."""
     if p == 0:
         return torch.ones(rows, cols, dtype=torch.float64)
-    kept = fused_op_table("cpp").dropout_mask(torch.empty(rows, cols), p, seed) != 0
+    kept = reference.dropout_mask(torch.empty(rows, cols), p, seed) != 0
     return kept.double() / (1 - p)
 
 
@@ -164,7 +164,7 @@ def test_dropout_mask_equals_cpp_bit_for_bit(emu, dtype, p, M, K):
     seed, seed_ptr = _seed(p)
     assert emu.emu_apply_dropout(DTYPE_CODE[dtype], out.ptr, out.ptr, seed_ptr, M, K, p) == 0
     out.assert_guards_intact("mask")
-    want = fused_op_table("cpp").dropout_mask(torch.empty(M, K, dtype=dtype), p, seed)
+    want = reference.dropout_mask(torch.empty(M, K, dtype=dtype), p, seed)
     assert torch.equal(out.value, want), f"{(out.value != want).sum().item()} of {M * K} mask elements differ"
 
 

@@ -5,28 +5,22 @@ the three ATen/c10 CUDA headers they use (device properties, stream, device guar
 registered as torch.ops.msplora_emulated_cuda. Their GEMMs then run on ATen's CPU GEMMs instead
 of cuBLAS; the rest is the code a GPU runs: argument checks, contiguity, split counts (for an
 H100's 132 SMs), fp32 accumulators and their casts, the p = 0 paths, empty inputs, and both ways
-of computing the rank-R products ($MSPLORA_CUDA_SKINNY: our kernels, or cuBLAS plus a mask
+of computing the rank-R products (the cuda_skinny setting: our kernels, or cuBLAS plus a mask
 kernel). Each op is compared with the cpp backend's, which the other tests hold to the reference.
 """
 import pytest
 import torch
 
-from cuda_emulation import INCLUDES, NAMESPACE, kernels_as_cpp, launchers_as_cpp, requirements
+from cuda_emulation import requirements
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 pytestmark = requirements()
 
 
-@pytest.fixture(scope="module")
-def cuda_ops(tmp_path_factory):
-    from torch.utils.cpp_extension import load
-
-    tmp = tmp_path_factory.mktemp("cuda_launchers")
-    load(name=NAMESPACE, sources=[str(kernels_as_cpp(tmp)), str(launchers_as_cpp(tmp))],
-         extra_include_paths=[str(p) for p in INCLUDES], extra_cflags=["-O1", "-Wno-unknown-pragmas"],
-         build_directory=str(tmp), is_python_module=False, verbose=False)
-    return getattr(torch.ops, NAMESPACE)
+@pytest.fixture
+def cuda_ops(emulated_cuda_ops):
+    return emulated_cuda_ops
 
 
 @pytest.fixture
@@ -35,10 +29,11 @@ def cpp_ops():
 
 
 @pytest.fixture(params=["auto", "kernels", "cublas"])
-def skinny(request, monkeypatch):
-    """Each way the launchers can compute the rank-R products ($MSPLORA_CUDA_SKINNY)."""
-    monkeypatch.setenv("MSPLORA_CUDA_SKINNY", request.param)
-    return request.param
+def skinny(request, cuda_ops):
+    """Each way the launchers can compute the rank-R products (the cuda_skinny setting)."""
+    cuda_ops.set_setting("cuda_skinny", request.param)
+    yield request.param
+    cuda_ops.set_setting("cuda_skinny", "auto")
 
 
 def _rand(*shape, dtype, column_major=False):
@@ -126,13 +121,39 @@ def test_dropout_equals_cpp_bit_for_bit(cuda_ops, cpp_ops, dtype, p):
     assert got.data_ptr() != x.data_ptr() and got.is_contiguous()
 
 
-def test_unknown_skinny_mode_raises(cuda_ops, monkeypatch):
-    monkeypatch.setenv("MSPLORA_CUDA_SKINNY", "tensorcores")
-    with pytest.raises(RuntimeError, match="choose auto, kernels or cublas"):
-        cuda_ops.shrink(torch.randn(4, 16), torch.randn(16, 3), 0.0, _seed())
+def test_unknown_skinny_mode_raises(cuda_ops):
+    with pytest.raises(RuntimeError, match="cuda_skinny: auto, kernels or cublas"):
+        cuda_ops.set_setting("cuda_skinny", "tensorcores")
+    assert cuda_ops.get_setting("cuda_skinny") == "auto"
+
+
+def test_the_setting_is_followed(cuda_ops):
+    # With dropout in fp16, our kernels scale x by 1 / (1 - p) in fp32 inside the product, while the
+    # cuBLAS path (ATen's CPU GEMM here) multiplies a masked copy of x rounded to fp16: other bits.
+    x, a, seed = _rand(64, 512, dtype=torch.float16), _rand(512, 21, dtype=torch.float16), _seed()
+    results = {}
+    for mode in ("kernels", "cublas"):
+        cuda_ops.set_setting("cuda_skinny", mode)
+        results[mode] = cuda_ops.shrink(x, a, 0.25, seed)
+    cuda_ops.set_setting("cuda_skinny", "auto")  # our kernels at R = 21
+    assert torch.equal(cuda_ops.shrink(x, a, 0.25, seed), results["kernels"])
+    assert not torch.equal(results["kernels"], results["cublas"])
+    assert torch.equal(results["cublas"], torch.mm(cuda_ops.dropout(x, 0.25, seed), a))
 
 
 def test_argument_checks_raise(cuda_ops):
     x, a = torch.randn(4, 16), torch.randn(15, 3)
     with pytest.raises(RuntimeError, match="mismatch"):
         cuda_ops.shrink(x, a, 0.0, _seed())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("ranks", [(8, 4, 2), (64, 32, 16)], ids=["R14", "R112"])
+def test_the_whole_layer_on_the_launchers_matches_the_reference(emulated_cuda_backend, skinny, dtype, p, ranks):
+    # Forward and backward through the autograd Function with the cuda backend's capabilities, on
+    # the launchers' ops, against the reference drawing the same mask from the same seed.
+    from helpers import check_backend_against_reference, make_problem
+
+    problem = make_problem((3, 41), 96, 80, ranks, dtype)
+    check_backend_against_reference(emulated_cuda_backend, problem, dropout_p=p, training=p > 0, rng_seed=13)

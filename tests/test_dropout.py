@@ -3,7 +3,9 @@ import pytest
 import torch
 
 import msplora_kernels as mk
-from helpers import backend_mask, check_backend_against_reference, make_problem, precise_dtype
+from helpers import backend_mask, check_backend_against_reference, drawn_seed, make_problem, precise_dtype
+from msplora_kernels.ops import reference
+from msplora_kernels.ops.backends import BACKENDS as BACKENDS_INFO
 
 BACKENDS = mk.available_backends("cpu")
 
@@ -66,23 +68,35 @@ def test_dropout_across_row_chunks(backend):
     check_backend_against_reference(backend, problem, dropout_p=0.3, training=True, rng_seed=11)
 
 
-def test_fused_backends_draw_the_same_mask():
-    # Triton hashes (seed, row*K + col) as the CPU and CUDA kernels do (csrc/dropout_hash.h), so a
-    # run is reproducible across backends; a K that is not a multiple of any block, several seeds.
-    fused = [b for b in BACKENDS if b in ("cpp", "triton")]
-    if len(fused) < 2:
-        pytest.skip(f"needs the cpp and triton backends, have {fused}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_draws_the_reference_mask(backend):
+    # One hash of (seed, row*K + col) on every backend (reference.py), so a run is reproducible
+    # across backends and the reference is the oracle with dropout on; a K that is not a multiple
+    # of any block, several seeds.
     x = torch.randn(70, 333)
     for rng_seed in (0, 1, 2):
-        masks = {b: backend_mask(b, x, 0.25, rng_seed) for b in fused}
-        assert torch.equal(masks["cpp"], masks["triton"]), rng_seed
-        assert 0.7 < (masks["cpp"] != 0).double().mean() < 0.8
+        want = reference.dropout_mask(x, 0.25, drawn_seed(x, rng_seed))
+        got = backend_mask(backend, x, 0.25, rng_seed)
+        assert torch.equal(got, want), (backend, rng_seed)
+        assert 0.7 < (got != 0).double().mean() < 0.8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_dropout_op_equals_the_reference_bit_for_bit(backend, dtype):
+    if not BACKENDS_INFO[backend].supports(dtype):
+        pytest.skip(f"{backend} does not compute in {dtype}")
+    x = torch.randn(37, 45, dtype=dtype)
+    seed = torch.tensor([987654], dtype=torch.int64)
+    got = BACKENDS_INFO[backend].ops.dropout(x, 0.3, seed)
+    assert got.is_contiguous() and got.data_ptr() != x.data_ptr()
+    assert torch.equal(got, reference.dropout(x, 0.3, seed))
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the compiled CPU kernels")
 def test_cpp_keeps_dropped_input_with_the_same_result(monkeypatch):
     # On the CPU the forward keeps dropout(x) for dA; regenerating it must give the same bits.
-    from msplora_kernels import autograd as fused
+    from msplora_kernels.ops import autograd as fused
 
     taken = []
     keeps = fused._keeps_dropped_input

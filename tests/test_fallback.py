@@ -9,7 +9,7 @@ sys.modules["msplora_kernels._C"] = None          # makes `from . import _C` rai
 warnings.simplefilter("always")
 with warnings.catch_warnings(record=True) as caught:
     import msplora_kernels as mk
-    import msplora_kernels.functional  # noqa: F401  (a second import path must not warn again)
+    import msplora_kernels.ops.functional  # noqa: F401  (a second import path must not warn again)
 msgs = [str(w.message) for w in caught if "compiled extension could not be loaded" in str(w.message)]
 assert len(msgs) == 1, msgs
 import torch

@@ -8,6 +8,7 @@ import torch
 
 import msplora_kernels as mk
 from helpers import backend_mask, check_backend_against_reference, make_problem
+from msplora_kernels.ops import settings as mk_settings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -23,7 +24,7 @@ SHAPES = [
 
 
 def test_gpu_backends_present():
-    assert "triton" in CUDA_BACKENDS, mk.backends._triton_import_error()
+    assert "triton" in CUDA_BACKENDS, mk.backend_info()["backends"]["triton"]
 
 
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
@@ -135,14 +136,14 @@ def test_autocast_follows_nn_linear(backend, dtype):
 @pytest.mark.skipif("triton" not in CUDA_BACKENDS, reason="needs the triton backend")
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_triton_one_pass_forward_real_sizes(monkeypatch, dtype, dropout):
-    # The opt-in single-kernel forward (MSPLORA_TRITON_FORWARD=onepass) at the RoBERTa-base shape
+def test_triton_one_pass_forward_real_sizes(dtype, dropout):
+    # The opt-in single-kernel forward (the triton_forward setting) at the RoBERTa-base shape
     # and an odd one, and its op under opcheck's fake-tensor and AOT checks.
-    monkeypatch.setenv("MSPLORA_TRITON_FORWARD", "onepass")
     for shape in [(8192, 768, 768, (8, 4, 2)), (777, 1000, 333, (7, 5, 3, 1))]:
         tokens, k, n, ranks = shape
         problem = make_problem((tokens,), k, n, ranks, dtype, device="cuda")
-        check_backend_against_reference("triton", problem, dropout_p=dropout, training=dropout > 0, rng_seed=5)
+        with mk_settings.overridden(triton_forward="onepass"):
+            check_backend_against_reference("triton", problem, dropout_p=dropout, training=dropout > 0, rng_seed=5)
     x, w, bias = (torch.randn(300, 256, device="cuda"), torch.randn(192, 256, device="cuda"),
                   torch.randn(192, device="cuda"))
     a, b = torch.randn(256, 14, device="cuda"), torch.randn(14, 192, device="cuda")
@@ -152,26 +153,29 @@ def test_triton_one_pass_forward_real_sizes(monkeypatch, dtype, dropout):
 
 @pytest.mark.skipif(not {"triton", "cuda"} <= set(CUDA_BACKENDS), reason="needs the triton and cuda backends")
 def test_triton_cuda_and_cpu_draw_the_same_mask():
-    # One hash (csrc/dropout_hash.h) in all three: compiled Triton must agree with the CUDA kernel
-    # and with the CPU one, bit for bit, for the same seed.
-    from msplora_kernels.backends import fused_op_table
+    # One hash (reference.py) in all: compiled Triton must agree with the CUDA kernel, the
+    # reference on the GPU, and the CPU one, bit for bit, for the same seed.
+    from msplora_kernels.ops import reference
+    from msplora_kernels.ops.backends import BACKENDS
 
     x = torch.randn(3000, 777, device="cuda")
     for seed in (0, 12345, 2**31 - 2):
         s = torch.tensor([seed], dtype=torch.int64, device="cuda")
-        triton_mask = fused_op_table("triton").dropout_mask(x, 0.1, s)
-        cuda_mask = fused_op_table("cuda").dropout_mask(x, 0.1, s)
+        triton_mask = BACKENDS["triton"].ops.dropout_mask(x, 0.1, s)
+        cuda_mask = BACKENDS["cuda"].ops.dropout_mask(x, 0.1, s)
         assert torch.equal(triton_mask, cuda_mask), seed
+        assert torch.equal(cuda_mask, reference.dropout_mask(x, 0.1, s)), seed
         if "cpp" in mk.available_backends("cpu"):
-            cpu_mask = fused_op_table("cpp").dropout_mask(x.cpu(), 0.1, s.cpu())
+            cpu_mask = BACKENDS["cpp"].ops.dropout_mask(x.cpu(), 0.1, s.cpu())
             assert torch.equal(cuda_mask.cpu(), cpu_mask), seed
 
 
 @pytest.mark.skipif("cuda" not in CUDA_BACKENDS, reason="needs the cuda backend")
 @pytest.mark.parametrize("skinny", ["kernels", "cublas"])
 @pytest.mark.parametrize("ranks", [(8, 4, 2), (64, 32, 16)], ids=["R14", "R112"])
-def test_cuda_backend_both_ways_of_the_rank_products(skinny, ranks, monkeypatch):
+def test_cuda_backend_both_ways_of_the_rank_products(skinny, ranks):
     # The default takes one way per rank (R > 64: cuBLAS); each must be right at either rank.
-    monkeypatch.setenv("MSPLORA_CUDA_SKINNY", skinny)
     problem = make_problem((1000,), 1024, 768, ranks, torch.bfloat16, device="cuda")
-    check_backend_against_reference("cuda", problem, dropout_p=0.1, training=True)
+    with mk_settings.overridden(cuda_skinny=skinny):
+        assert torch.ops.msplora.get_setting("cuda_skinny") == skinny
+        check_backend_against_reference("cuda", problem, dropout_p=0.1, training=True)

@@ -7,7 +7,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaModel
 
 import msplora_kernels as mk
-from msplora_kernels.config import group_of
+from msplora_kernels.models.config import group_of
 from models import randomize_adapter, tiny_bert, tiny_llama, tokens
 
 

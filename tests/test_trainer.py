@@ -37,7 +37,7 @@ def test_trainer_steps(tmp_path):
 def _checkpointing_run(out_dir, resume_from=None):
     from transformers import Trainer, TrainingArguments
 
-    from msplora_kernels.callbacks import SaveAdapterCallback
+    from msplora_kernels.models.callbacks import SaveAdapterCallback
 
     model = mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig(modules_to_save=["classifier"], dropout=0.1))
     args = TrainingArguments(output_dir=str(out_dir), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,

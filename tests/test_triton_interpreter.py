@@ -4,6 +4,8 @@ import torch
 
 import msplora_kernels as mk
 from helpers import check_backend_against_reference, make_problem
+from msplora_kernels.ops import settings
+from msplora_kernels.ops.backends import BACKENDS
 
 pytestmark = pytest.mark.skipif(
     "triton" not in mk.available_backends("cpu"), reason="triton is not importable or TRITON_INTERPRET is not 1"
@@ -25,19 +27,19 @@ def test_rows_split_across_programs_in_grad_a():
 
 @pytest.mark.parametrize("forward", ["split", "onepass"])
 @pytest.mark.parametrize("train_base", [False, True], ids=["frozen", "trained"])
-def test_weight_stored_in_out(monkeypatch, forward, train_base):
+def test_weight_stored_in_out(forward, train_base):
     # A Conv1D base (GPT-2) hands the kernels the transposed view of its (in, out) weight.
-    monkeypatch.setenv("MSPLORA_TRITON_FORWARD", forward)
     problem = make_problem((3, 7), 24, 40, (8, 4, 2), torch.float32, weight_in_out=True, train_base=train_base)
     assert not problem[1].is_contiguous()
-    check_backend_against_reference("triton", problem, dropout_p=0.2, training=True)
+    with settings.overridden(triton_forward=forward):
+        check_backend_against_reference("triton", problem, dropout_p=0.2, training=True)
 
 
 def test_float64_is_refused_by_name_and_skipped_by_automatic_choice():
     x, w, b, As, Bs, s = make_problem((3,), 8, 8, (2,), torch.float64)
     with pytest.raises(TypeError, match="backend='triton' computes in"):
         mk.msplora_linear(x, w, b, As, Bs, s, backend="triton")
-    from msplora_kernels.backends import resolve_backend
+    from msplora_kernels.ops.backends import resolve_backend
 
     assert resolve_backend(None, "cpu", torch.float64) != "triton"
 
@@ -45,8 +47,7 @@ def test_float64_is_refused_by_name_and_skipped_by_automatic_choice():
 def test_opcheck_schema_triton_ops():
     # Fake-tensor and AOT checks need compiled kernels (the interpreter touches real
     # data pointers); tests/test_gpu.py runs the full opcheck on a GPU.
-    from msplora_kernels.triton_kernels import ops
-
+    ops = torch.ops.msplora_triton
     x, a = torch.randn(40, 24), torch.randn(24, 7)
     seed = torch.tensor([5], dtype=torch.int64)
     w, b, bias = torch.randn(20, 24), torch.randn(7, 20), torch.randn(20)
@@ -65,8 +66,9 @@ def test_opcheck_schema_triton_ops():
 
 
 @pytest.fixture
-def one_pass(monkeypatch):
-    monkeypatch.setenv("MSPLORA_TRITON_FORWARD", "onepass")
+def one_pass():
+    with settings.overridden(triton_forward="onepass"):
+        yield
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -80,8 +82,7 @@ def test_one_pass_forward_matches_reference(one_pass, dtype, ranks, dropout):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_one_pass_forward_gives_the_two_kernel_y_and_t(dropout):
-    from msplora_kernels.triton_kernels import ops
-
+    ops = torch.ops.msplora_triton
     x, w, bias = torch.randn(70, 50), torch.randn(90, 50) / 7, torch.randn(90)
     a, b = torch.randn(50, 14) / 7, torch.randn(14, 90) * 0.2
     seed = torch.tensor([77], dtype=torch.int64)
@@ -92,21 +93,22 @@ def test_one_pass_forward_gives_the_two_kernel_y_and_t(dropout):
     assert t.abs().sum() > 0 and y.abs().sum() > 0
 
 
-def test_one_pass_forward_is_not_used_above_its_rank_or_by_default(monkeypatch):
-    from msplora_kernels.triton_kernels import configs, ops
+def test_one_pass_forward_is_not_used_above_its_rank_or_by_default():
+    from msplora_kernels.triton_kernels import configs
 
-    assert not configs.one_pass_forward(14)
-    monkeypatch.setenv("MSPLORA_TRITON_FORWARD", "onepass")
-    assert configs.one_pass_forward(configs.ONE_PASS_MAX_RANK) and not configs.one_pass_forward(configs.ONE_PASS_MAX_RANK + 1)
-    x, w, a, b = torch.randn(8, 16), torch.randn(12, 16), torch.randn(16, 40), torch.randn(40, 12)
-    with pytest.raises(ValueError, match=r"R <= 32, got a of shape \(16, 40\)"):
-        ops.shrink_expand_linear(x, w, None, a, b, 0.0, torch.tensor([1]))
-    # R = 40 above the limit: the layer still runs, on two kernels.
-    problem = make_problem((9,), 16, 12, (32, 8), torch.float32)
-    check_backend_against_reference("triton", problem)
-    monkeypatch.setenv("MSPLORA_TRITON_FORWARD", "fast")
-    with pytest.raises(ValueError, match="MSPLORA_TRITON_FORWARD='fast'"):
-        configs.one_pass_forward(14)
+    triton, ops = BACKENDS["triton"], torch.ops.msplora_triton
+    assert not triton.one_pass_forward(14)
+    with settings.overridden(triton_forward="onepass"):
+        assert triton.one_pass_forward(configs.ONE_PASS_MAX_RANK)
+        assert not triton.one_pass_forward(configs.ONE_PASS_MAX_RANK + 1)
+        x, w, a, b = torch.randn(8, 16), torch.randn(12, 16), torch.randn(16, 40), torch.randn(40, 12)
+        with pytest.raises(ValueError, match=r"R <= 32, got a of shape \(16, 40\)"):
+            ops.shrink_expand_linear(x, w, None, a, b, 0.0, torch.tensor([1]))
+        # R = 40 above the limit: the layer still runs, on two kernels.
+        problem = make_problem((9,), 16, 12, (32, 8), torch.float32)
+        check_backend_against_reference("triton", problem)
+    with pytest.raises(ValueError, match="sets triton_forward='fast'"):
+        mk.configure(triton_forward="fast")
 
 
 def test_opcheck_schema_one_pass_forward():

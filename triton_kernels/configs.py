@@ -17,22 +17,11 @@ def _wide(dtype) -> bool:
     return dtype == torch.float32
 
 
-FORWARD_ENV = "MSPLORA_TRITON_FORWARD"
+# The one-pass forward (shrink_expand_linear) takes R up to this, one small rank block. It is
+# opt-in (the triton_forward setting) until a GPU run has timed it against the two kernels:
+# recomputing T in every column tile costs N / BLOCK_N times the shrink's FLOPs and mask hashes,
+# which pays only where the saved launch and round trip of T matter (small widths).
 ONE_PASS_MAX_RANK = 32
-
-
-def one_pass_forward(total_rank: int) -> bool:
-    """Whether the forward runs as one kernel (shrink_expand_linear) instead of two.
-
-    Opt-in through $MSPLORA_TRITON_FORWARD=onepass until a GPU run has timed both: recomputing T
-    in every column tile costs N / BLOCK_N times the shrink's FLOPs, and as many dropout-mask
-    hashes, which pays only where the saved launch and round trip of T matter (small widths, and
-    likely no dropout); R must fit one small rank block.
-    """
-    mode = os.environ.get(FORWARD_ENV, "split")
-    if mode not in ("split", "onepass"):
-        raise ValueError(f"msplora: ${FORWARD_ENV}={mode!r}; choose 'split' (two kernels) or 'onepass'")
-    return mode == "onepass" and total_rank <= ONE_PASS_MAX_RANK
 
 
 def rank_block(total_rank: int, dtype=None) -> int:

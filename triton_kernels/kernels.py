@@ -53,8 +53,9 @@ def _keep(seed, rows, cols, K, p):
 
 @triton.jit
 def _dropped(x, seed, rows, cols, K, p, keep_scale):
-    # Inverted dropout of an x tile, kept in x's dtype as the reference's dropout(x) is.
-    return tl.where(_keep(seed, rows, cols, K, p), x * keep_scale, 0.0).to(x.dtype)
+    # Inverted dropout of an x tile, multiplied in fp32 and rounded once to x's dtype, as the
+    # reference and the CPU and CUDA kernels do.
+    return tl.where(_keep(seed, rows, cols, K, p), x.to(tl.float32) * keep_scale, 0.0).to(x.dtype)
 
 
 @triton.jit
@@ -236,3 +237,13 @@ def dropout_mask_kernel(out_ptr, seed_ptr, M, K, p, keep_scale, BLOCK_M: tl.cons
     keep = _keep(tl.load(seed_ptr), rm, rk, K, p)
     val = tl.where(keep, keep_scale, 0.0)
     _store_tile(out_ptr, val, rm, rk, K, 1, M, K)
+
+
+@triton.jit
+def dropout_kernel(x_ptr, out_ptr, seed_ptr, M, K, stride_xm, stride_xk, p, keep_scale,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dropout(x) itself, row-major: for a backward that reuses it rather than regenerating the mask."""
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    x = _load_tile(x_ptr, rm, rk, stride_xm, stride_xk, M, K)
+    _store_tile(out_ptr, _dropped(x, tl.load(seed_ptr), rm, rk, K, p, keep_scale), rm, rk, K, 1, M, K)

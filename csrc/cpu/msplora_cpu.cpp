@@ -2,7 +2,7 @@
 // rank-R products); what is ours is the fusion: all levels in one shrink and one expand, the base
 // GEMMs accumulating into the expand and the LoRA dx term (beta = 1) instead of a separate pass to
 // add them, and the dropout mask hashed from a seed, so that no mask is stored (the forward keeps
-// dropout(x) for dA: autograd.py's _keeps_dropped_input).
+// dropout(x) for dA: the keeps_dropped_input capability in msplora_kernels/ops/backends.py).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -104,9 +104,9 @@ at::Tensor grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::
 
 at::Tensor grad_a_cpu(const at::Tensor& x, const at::Tensor& dt, double p, const at::Tensor& seed) {
   check_grad_a_args(x, dt, p, seed);
-  // dA^T = dT^T x in the wide orientation (faster on both libraries), returned as a column-major
-  // (K, R) view from either.
-  return rank_product(dropped(x, p, seed).t(), dt, true, true);
+  // dA^T = dT^T x in the wide orientation (faster on both libraries), then made row-major as the
+  // op contract says (a copy of K x R values).
+  return rank_product(dropped(x, p, seed).t(), dt, true, true).contiguous();
 }
 
 at::Tensor dropout_mask_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {

@@ -2,19 +2,18 @@
 // GEMM library runs them. The frozen layer's GEMMs are not here: they stay on at::addmm, as
 // nn.Linear's do.
 //
-// On x86-64, where torch ships oneDNN, fp32 products go to mkldnn::_linear_pointwise, the op
-// inductor emits for CPU linears. On the AMD EPYC this project measures on, it runs these skinny
-// shapes 2-4x faster than at::mm (MKL): 1.0-1.3 ms against 2.4-2.9 ms each at 512 x 4096, R = 112
-// (bench/NOTES.md). $MSPLORA_CPU_GEMM=aten keeps every product on at::mm.
+// fp32 products may go to oneDNN through mkldnn::_linear_pointwise, the op inductor emits for CPU
+// linears: on an AMD EPYC it runs these skinny shapes 2-4x faster than at::mm (MKL), 1.0-1.3 ms
+// against 2.4-2.9 ms each at 512 x 4096, R = 112 (bench/NOTES.md). The cpu_gemm setting chooses.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <optional>
+
+#include "../settings.h"
 
 namespace msplora {
 
@@ -28,22 +27,9 @@ inline const std::optional<c10::OperatorHandle>& onednn_linear_op() {
   return op;
 }
 
-// x86-64 only: that is where it was measured; on other CPUs torch's at::mm may well be faster.
-inline bool onednn_by_default() {
-#if defined(__x86_64__) || defined(_M_X64)
-  return onednn_linear_op().has_value();
-#else
-  return false;
-#endif
-}
-
-inline bool onednn_enabled() {
-  const char* mode = std::getenv("MSPLORA_CPU_GEMM");
-  if (mode == nullptr || *mode == '\0' || std::strcmp(mode, "auto") == 0) return onednn_by_default();
-  TORCH_CHECK(std::strcmp(mode, "aten") == 0, "msplora: $MSPLORA_CPU_GEMM=", mode,
-              "; choose 'auto' (oneDNN where torch has it) or 'aten' (at::mm)");
-  return false;
-}
+// Python resolves the choice (msplora_kernels/ops/backends.py: cpu_adapter_gemm) and sets it in
+// settings.h; it asks for oneDNN only where torch has the op.
+inline bool onednn_enabled() { return cpu_gemm() == CpuGemm::kOneDnn && onednn_linear_op().has_value(); }
 
 // Whether a @ b runs on oneDNN.
 inline bool on_onednn(const at::Tensor& a, const at::Tensor& b) {

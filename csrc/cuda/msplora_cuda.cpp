@@ -2,15 +2,13 @@
 // (the LoRA expand and the LoRA dx term accumulate into the base GEMM's output
 // with beta = 1), the skinny and masked parts to our kernels in msplora_kernels.cu,
 // or, at large total rank, the skinny products to cuBLAS too (skinny_on_cublas).
-#include <cstdlib>
-#include <cstring>
-
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../settings.h"
 #include "../shape_checks.h"
 #include "kernels.h"
 
@@ -52,16 +50,15 @@ at::Tensor fp32_zeros(int64_t rows, int64_t cols, const at::Tensor& like) {
 // their input once per 16 ranks. Predicted from H100 rates (67 TFLOP/s fp32, 3.35 TB/s), not yet
 // timed: in bf16 our kernels turn compute-bound near R = 20, and at R = 112 cost about 5-7 passes'
 // worth of time over x or dy, against 2-4 passes for cuBLAS plus a separate mask pass; up to
-// R = 64 they stay within that. $MSPLORA_CUDA_SKINNY=kernels or =cublas forces one way.
+// R = 64 they stay within that. The cuda_skinny setting (settings.h) may force one way.
 constexpr int64_t kMaxKernelRank = 64;
 
 bool skinny_on_cublas(int64_t R) {
-  const char* mode = std::getenv("MSPLORA_CUDA_SKINNY");
-  if (mode == nullptr || std::strcmp(mode, "auto") == 0) return R > kMaxKernelRank;
-  if (std::strcmp(mode, "cublas") == 0) return true;
-  TORCH_CHECK(std::strcmp(mode, "kernels") == 0, "msplora: $MSPLORA_CUDA_SKINNY=", mode,
-              "; choose auto, kernels or cublas");
-  return false;
+  switch (cuda_skinny()) {
+    case CudaSkinny::kCublas: return true;
+    case CudaSkinny::kKernels: return false;
+    default: return R > kMaxKernelRank;
+  }
 }
 
 // dropout(x) into out, which may be x itself. Both contiguous, of the same shape and dtype.

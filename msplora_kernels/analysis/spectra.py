@@ -12,9 +12,10 @@ from typing import Optional
 
 import torch
 
-from ..adapter_io import WEIGHTS_NAME, adapter_state_dict
-from ..config import CONFIG_NAME, level_scale
-from ..model import FACTORS_ATTR, layer_position
+from ..models.adapter_io import WEIGHTS_NAME, adapter_state_dict
+from ..models.config import CONFIG_NAME, level_scale
+from ..models.inject import FACTORS_ATTR
+from ..models.targets import layer_position
 
 # Adapter tensor names: shared levels in the root container, and layers' own levels.
 _SHARED = re.compile(rf"^{FACTORS_ATTR}\.targets\.(?P<target>[^.]+)\.level(?P<level>\d+)\.group(?P<group>\d+)\.(?P<ab>[AB])$")
@@ -102,7 +103,7 @@ def pairs_from_model(model) -> list[FactorPair]:
 def pairs_from_dir(directory) -> tuple[list[FactorPair], "object"]:
     from safetensors.torch import load_file
 
-    from ..config import MSPLoraConfig
+    from ..models.config import MSPLoraConfig
 
     config = MSPLoraConfig.from_pretrained(directory)
     tensors = load_file(str(Path(directory) / WEIGHTS_NAME))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..callbacks import trainer_callback_base
+from ..models.callbacks import trainer_callback_base
 from .spectra import pairs_from_model
 
 

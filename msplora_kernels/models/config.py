@@ -189,7 +189,7 @@ class MSPLoraConfig:
         return cls(**{k: v for k, v in d.items() if k in fields})
 
     def save_pretrained(self, directory) -> None:
-        from . import __version__
+        from .._version import __version__
 
         Path(directory).mkdir(parents=True, exist_ok=True)
         data = {**self.to_dict(), "msplora_version": __version__}

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..ops.reference import lora_factors
 from .adapter_io import WEIGHTS_NAME
-from .model import _require_adapter, adapted_layers, saved_modules
+from .inject import adapted_layers, require_adapter, saved_modules
 
 
 def peft_lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -21,8 +22,7 @@ def peft_lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     with torch.no_grad():
         for path, layer in adapted_layers(model):
-            a = torch.cat([lvl.A for lvl in layer.levels], dim=1)  # in x R
-            b = torch.cat([lvl.scale * lvl.B for lvl in layer.levels], dim=0)  # R x out
+            a, b = lora_factors([lvl.A for lvl in layer.levels], [lvl.B for lvl in layer.levels], layer.scales)
             out[f"base_model.model.{path}.lora_A.weight"] = a.T.contiguous().cpu()
             out[f"base_model.model.{path}.lora_B.weight"] = b.T.contiguous().cpu()
         for path, module in saved_modules(model):
@@ -40,7 +40,7 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None
         raise ImportError("export_peft needs peft: pip install peft") from exc
     from safetensors.torch import save_file
 
-    config = _require_adapter(model, "export_peft")
+    config = require_adapter(model, "export_peft")
     layers = adapted_layers(model)
     if any(layer.merged for _, layer in layers):
         raise ValueError("export_peft: some layers are merged; unmerge_adapter(model) first, or the export would count the update twice")

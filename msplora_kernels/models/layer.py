@@ -7,8 +7,10 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..ops import reference
+from ..ops.functional import msplora_linear
+from .base_layers import is_conv1d, linear_features, require_float_weight
 from .config import level_scale
-from .functional import msplora_linear
 
 
 class LoraLevel(nn.Module):
@@ -44,26 +46,6 @@ class LoraLevel(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
                 + (", use_rslora=True" if self.use_rslora else ""))
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2 and kin): a linear layer that stores its weight as (in, out)."""
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
-
-
-def linear_features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or a transformers Conv1D."""
-    return (module.nx, module.nf) if is_conv1d(module) else (module.in_features, module.out_features)
-
-
-def require_float_weight(module: nn.Module, who: str, name: str) -> None:
-    """Refuse a base layer whose weight is not floating point (a quantized layer), before any change."""
-    weight = module.weight
-    if not weight.is_floating_point():
-        raise TypeError(
-            f"{who}: {name} ({type(module).__name__}) has a {weight.dtype} weight of shape {tuple(weight.shape)}; "
-            "MSPLoRA needs a floating-point base layer (quantized ones, such as bitsandbytes', are not supported)"
-        )
 
 
 def _per_level(value, n: int, name: str) -> list:
@@ -211,7 +193,8 @@ class MSPLoraLinear(nn.Module):
         """The dense update sum_i s_i (A_i B_i)^T, shaped and typed like weight (not transposed
         for a Conv1D's (in, out) weight)."""
         acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        delta = sum(lvl.scale * (lvl.A.to(acc) @ lvl.B.to(acc)) for lvl in self._levels)
+        delta = reference.delta_weight([lvl.A.to(acc) for lvl in self._levels], [lvl.B.to(acc) for lvl in self._levels],
+                                       self.scales)
         return (delta if self.fan_in_fan_out else delta.T).to(self.weight.dtype)
 
     @torch.no_grad()

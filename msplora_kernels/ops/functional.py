@@ -1,4 +1,4 @@
-"""msplora_linear: the functional contract that every backend implements."""
+"""msplora_linear: the functional form of the layer, on any backend."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +8,6 @@ import torch
 
 from .autograd import FusedMSPLoRAFunction
 from .backends import resolve_backend
-from .reference import msplora_linear_reference, torch_dropout_mask
 from .validation import check_inputs, check_same_dtype
 
 _SEED_HIGH = 2**31 - 1
@@ -64,16 +63,8 @@ def msplora_linear(
     name = resolve_backend(backend, x.device, x.dtype)
     p = float(dropout_p) if training else 0.0
     with torch.autocast(x.device.type, enabled=False) if amp_dtype is not None else contextlib.nullcontext():
-        if name == "torch":
-            As = [a if a.dtype == x.dtype else a.to(x.dtype) for a in As]
-            Bs = [b if b.dtype == x.dtype else b.to(x.dtype) for b in Bs]
-            mask = None
-            if p > 0:
-                mask = torch_dropout_mask(x.shape, p, int(draw_seed("cpu")), x.device, x.dtype)
-            return msplora_linear_reference(x, weight, bias, As, Bs, scales, mask)
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
         seed = draw_seed(x.device) if p > 0 else torch.empty(0, dtype=torch.int64, device=x.device)
         # The Function casts factors of another dtype to x's after scaling, and their gradients back.
         y = FusedMSPLoRAFunction.apply(x2d, weight, bias, p, seed, name, tuple(float(s) for s in scales), *As, *Bs)
         return y.reshape(*x.shape[:-1], weight.shape[0])
-

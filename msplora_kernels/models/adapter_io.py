@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from .config import CONFIG_NAME, MSPLoraConfig
-from .errors import AdapterMismatchError
+from ..errors import AdapterMismatchError
+from .inject import apply_msplora, require_adapter, saved_modules
 from .layer import LoraLevel
-from .model import _require_adapter, apply_msplora, saved_modules, unload
+from .merging import unload
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 _SHOW = 5  # names listed in an error before "and N more"
@@ -49,7 +50,7 @@ def save_adapter(model: nn.Module, directory) -> None:
 
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
-    config = _require_adapter(model, "save_adapter")
+    config = require_adapter(model, "save_adapter")
     tensors = adapter_state_dict(model)
     meta = [k for k, t in tensors.items() if t.is_meta]
     if meta:
@@ -95,7 +96,7 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     Raises AdapterMismatchError naming the layers (missing, unexpected or misshapen tensors,
     a different config, a corrupted file) and then has loaded nothing."""
     directory = Path(directory)
-    current = _require_adapter(model, "load_adapter")
+    current = require_adapter(model, "load_adapter")
     try:
         saved = MSPLoraConfig.from_pretrained(directory)
     except ValueError as exc:

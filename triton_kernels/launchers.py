@@ -1,20 +1,19 @@
-"""Launchers of the Triton kernels, registered with torch.library.triton_op so that
-torch.compile(fullgraph=True) can trace them. Names and semantics match the compiled
-msplora ops (csrc/msplora_ops.cpp), so one autograd Function composes either table.
+"""Launchers of the Triton kernels: each allocates its outputs and launches, nothing more.
+
+Names and semantics are the op contract's (msplora_kernels/ops/contract.py); the ops layer
+checks arguments and registers these as torch.library ops (msplora_kernels/ops/triton_ops.py).
+Kernels are launched through wrap_triton so that torch.compile can trace them. This package
+imports torch and triton only.
 """
 from __future__ import annotations
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
-
-from msplora_kernels.backends import BACKEND_DTYPES
+from torch.library import wrap_triton
 
 from . import kernels
-# one_pass_forward is re-exported: the autograd Function asks this op table which forward to run.
-from .configs import ONE_PASS_MAX_RANK, gemm_configs, one_pass_forward, rank_block, skinny_tiles  # noqa: F401
+from .configs import ONE_PASS_MAX_RANK, gemm_configs, rank_block, skinny_tiles
 
-SUPPORTED = BACKEND_DTYPES["triton"]
 
 def _autotuned(kernel) -> dict:
     """{inputs are fp32: autotuned kernel}: fp32 needs smaller tiles than bf16/fp16 (configs.py)."""
@@ -26,15 +25,6 @@ _EXPAND_LINEAR = _autotuned(kernels.expand_linear_kernel)
 _SHRINK_EXPAND_LINEAR = _autotuned(kernels.shrink_expand_linear_kernel)
 # In grad_x the output tile is (BLOCK_M, BLOCK_K) and BLOCK_N is the reduction step.
 _GRAD_X = _autotuned(kernels.grad_x_kernel)
-
-
-def _check(name, *tensors):
-    dtype = tensors[0].dtype
-    if dtype not in SUPPORTED:
-        raise TypeError(f"msplora triton backend: {name} supports {[str(d) for d in SUPPORTED]}, got {dtype}")
-    for t in tensors:
-        if t.dim() != 2 or t.dtype != dtype or t.device != tensors[0].device:
-            raise ValueError(f"msplora triton backend: {name} got {[(tuple(u.shape), u.dtype, str(u.device)) for u in tensors]}")
 
 
 def _keep_scale(p: float) -> float:
@@ -52,9 +42,7 @@ def _seed_arg(p: float, seed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return seed if p > 0 else like
 
 
-@triton_op("msplora_triton::shrink", mutates_args={})
 def shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    _check("shrink", x, a)
     M, K = x.shape
     R = a.shape[1]
     t = x.new_empty((M, R))
@@ -70,10 +58,8 @@ def shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> to
     return t
 
 
-@triton_op("msplora_triton::expand_linear", mutates_args={})
 def expand_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor,
                   b: torch.Tensor) -> torch.Tensor:
-    _check("expand_linear", x, weight, t, b)
     M, K = x.shape
     N, R = weight.shape[0], b.shape[0]
     y = x.new_empty((M, N))
@@ -88,11 +74,9 @@ def expand_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y
 
 
-@triton_op("msplora_triton::shrink_expand_linear", mutates_args={})
 def shrink_expand_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                          b: torch.Tensor, p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """shrink then expand_linear in one kernel: (y, T). For R <= ONE_PASS_MAX_RANK (configs.py)."""
-    _check("shrink_expand_linear", x, weight, a, b)
     M, K = x.shape
     N, R = weight.shape[0], a.shape[1]
     if R > ONE_PASS_MAX_RANK:
@@ -111,9 +95,7 @@ def shrink_expand_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return y, t
 
 
-@triton_op("msplora_triton::grad_t_b", mutates_args={})
 def grad_t_b(dy: torch.Tensor, t: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _check("grad_t_b", dy, t, b)
     M, N = dy.shape
     R = b.shape[0]
     dt = dy.new_empty((M, R))
@@ -130,10 +112,8 @@ def grad_t_b(dy: torch.Tensor, t: torch.Tensor, b: torch.Tensor) -> tuple[torch.
     return dt, db32.to(dy.dtype)
 
 
-@triton_op("msplora_triton::grad_x", mutates_args={})
 def grad_x(dy: torch.Tensor, weight: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, p: float,
            seed: torch.Tensor) -> torch.Tensor:
-    _check("grad_x", dy, weight, dt, a)
     M, N = dy.shape
     K, R = a.shape
     dx = dy.new_empty((M, K))
@@ -149,9 +129,7 @@ def grad_x(dy: torch.Tensor, weight: torch.Tensor, dt: torch.Tensor, a: torch.Te
     return dx
 
 
-@triton_op("msplora_triton::grad_a", mutates_args={})
 def grad_a(x: torch.Tensor, dt: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    _check("grad_a", x, dt)
     M, K = x.shape
     R = dt.shape[1]
     da32 = torch.zeros((K, R), device=x.device, dtype=torch.float32)
@@ -171,7 +149,6 @@ def grad_a(x: torch.Tensor, dt: torch.Tensor, p: float, seed: torch.Tensor) -> t
     return da32.to(x.dtype)
 
 
-@triton_op("msplora_triton::dropout_mask", mutates_args={})
 def dropout_mask(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     out = torch.ones_like(x, memory_format=torch.contiguous_format)
@@ -182,11 +159,13 @@ def dropout_mask(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _register_autograd():
-    from msplora_kernels.op_autograd import register, register_shrink_expand_linear
-
-    register("msplora_triton")
-    register_shrink_expand_linear("msplora_triton")
-
-
-_register_autograd()
+def dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    M, K = x.shape
+    if p == 0:
+        return x.clone(memory_format=torch.contiguous_format)
+    out = x.new_empty((M, K))
+    if M == 0:
+        return out
+    grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
+    wrap_triton(kernels.dropout_kernel)[grid](x, out, seed, M, K, *x.stride(), p, _keep_scale(p), BLOCK_M=32, BLOCK_K=32)
+    return out

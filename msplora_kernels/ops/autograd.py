@@ -1,20 +1,19 @@
-"""The autograd Function that composes a fused backend's ops.
+"""The autograd Function that composes any backend's op table (contract.py).
 
 Forward:  A = [s_1 A_1 | ... | s_n A_n], B = [B_1; ...; B_n] (the levels joined, in x's dtype)
           T = dropout(x) A          (shrink, all levels at once)
           y = x W^T + b + T B      (expand, added into the base GEMM)
-          (Triton, $MSPLORA_TRITON_FORWARD=onepass: both in one kernel, for small R)
+          (with the one_pass_forward capability: both in one kernel)
 Backward: dT, dB = dy B^T, T^T dy   (one pass over dy)
           dx = dy W + mask * (dT A^T)
-          dA = dropout(x)^T dT      (mask regenerated from the seed; on the CPU, dropout(x) kept from
-                                     the forward instead)
+          dA = dropout(x)^T dT      (the mask regenerated from the seed, or dropout(x) kept from the
+                                     forward: the keeps_dropped_input capability)
           dA_i, dB_i = s_i dA[:, level i], dB[level i]  (in each factor's dtype)
           dW = dy^T x, db = sum(dy) only when the base layer is trained.
 
 The joining and splitting happen inside the Function, and the ops are called below the autograd
-dispatch key: each op's own autograd formula (op_autograd.py) is for direct calls, and going
-through it here ran Python on every op call even with grad mode off. Together these took a tiny
-layer's forward+backward from about 205 to 150 us of CPU time (bench/NOTES.md).
+dispatch key: their own derivatives (derivatives.py) are for direct calls, and going through them
+here would run Python on every op call even with grad mode off.
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-from .backends import fused_op_table
+from .backends import BACKENDS
 
 
 def _below_autograd():
@@ -72,29 +71,26 @@ def _split(grad, ranks, dim, dtypes):
 
 
 def _keeps_dropped_input(backend, p, need_as) -> bool:
-    """Whether the forward keeps dropout(x) for dA rather than the backward regenerating it.
-
-    On the CPU (cpp) only, where compute is the scarce resource: regenerating the mask and the
-    masked copy of x cost about 1-2 ms a step at the llama2-7b shape, and keeping it costs one
-    (M, K) tensor per layer, less than PEFT's LoRA keeps (its dropout output and mask). On a GPU
-    the regeneration is one cheap pass and memory is what runs short, so it regenerates.
-    """
-    return backend == "cpp" and p > 0 and any(need_as)
+    """Whether this forward keeps dropout(x) for dA rather than the backward regenerating it: where
+    the backend can (on the CPU, compute is scarcer than memory: it costs one (M, K) tensor per
+    layer, less than PEFT's LoRA keeps), with dropout on, and only when some A needs a gradient."""
+    return backend.keeps_dropped_input and p > 0 and any(need_as)
 
 
 class FusedMSPLoRAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, p: float, seed, backend: str, scales, *factors):
+    def forward(ctx, x, weight, bias, p: float, seed, backend_name: str, scales, *factors):
         levels = len(factors) // 2
         As, Bs = factors[:levels], factors[levels:]
-        ops = fused_op_table(backend)
+        backend = BACKENDS[backend_name]
+        ops = backend.ops
         ranks = tuple(a_i.shape[1] for a_i in As)
         row = _scale_row(scales, ranks, As[0])
         keep_dropped = _keeps_dropped_input(backend, p, ctx.needs_input_grad[7 : 7 + levels])
         x_lora = None  # dropout(x), when it is kept for dA
         with _below_autograd():
             a, b = _joined(As, Bs, row, x.dtype)
-            if backend == "triton" and ops.one_pass_forward(a.shape[1]):
+            if backend.one_pass_forward(a.shape[1]):
                 y, t = ops.shrink_expand_linear(x, weight, bias, a, b, p, seed)
             else:
                 if keep_dropped:
@@ -104,7 +100,7 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
         # x itself is needed again only for a trained base weight's gradient.
         x_saved = x if x_lora is None or ctx.needs_input_grad[1] else None
         ctx.save_for_backward(x_saved, x_lora, weight, a, b, t, seed, row)
-        ctx.p, ctx.backend, ctx.ranks = p, backend, ranks
+        ctx.p, ctx.backend_name, ctx.ranks = p, backend_name, ranks
         ctx.a_dtypes, ctx.b_dtypes = [a_i.dtype for a_i in As], [b_i.dtype for b_i in Bs]
         return y
 
@@ -115,7 +111,7 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
         levels = len(ctx.ranks)
         need_x, need_w, need_bias = ctx.needs_input_grad[:3]
         need_as, need_bs = ctx.needs_input_grad[7 : 7 + levels], ctx.needs_input_grad[7 + levels :]
-        ops = fused_op_table(ctx.backend)
+        ops = BACKENDS[ctx.backend_name].ops
         dx = dw = dbias = None
         da_levels = db_levels = [None] * levels
         with _below_autograd():

@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from .errors import DtypeMismatchError
+from ..errors import DtypeMismatchError
 
 
 def _shape(t: torch.Tensor) -> tuple:

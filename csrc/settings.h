@@ -1,0 +1,29 @@
+// Process-wide choices that the kernels' launchers follow, mirrored from Python
+// (msplora_kernels/ops/settings.py), which resolves them and sets them through the op
+// msplora::set_setting when the package loads and on every change. Nothing here reads the
+// environment. Plain C++, so that the CUDA launchers' emulated build (tests/) can use it too.
+#pragma once
+
+#include <atomic>
+
+namespace msplora {
+
+// The library of the cpp backend's fp32 rank-R products (cpu/rank_products.h).
+enum class CpuGemm : int { kAten = 0, kOneDnn = 1 };
+// Who runs the cuda backend's rank-R products (cuda/msplora_cuda.cpp): ours up to a total
+// rank of 64 and cuBLAS beyond (kAuto), or always one of them.
+enum class CudaSkinny : int { kAuto = 0, kKernels = 1, kCublas = 2 };
+
+struct Settings {
+  std::atomic<int> cpu_gemm{static_cast<int>(CpuGemm::kAten)};
+  std::atomic<int> cuda_skinny{static_cast<int>(CudaSkinny::kAuto)};
+};
+
+Settings& settings();
+
+inline CpuGemm cpu_gemm() { return static_cast<CpuGemm>(settings().cpu_gemm.load(std::memory_order_relaxed)); }
+inline CudaSkinny cuda_skinny() {
+  return static_cast<CudaSkinny>(settings().cuda_skinny.load(std::memory_order_relaxed));
+}
+
+}  // namespace msplora

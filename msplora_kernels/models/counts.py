@@ -1,0 +1,40 @@
+"""Trainable-parameter counts of an adapted model, per level and against LoRA."""
+from __future__ import annotations
+
+from torch import nn
+
+from .inject import adapted_layers, require_adapter
+
+def summary(model: nn.Module) -> dict:
+    """Trainable parameters per level and in total, next to LoRA's count for the same layers
+    at the global rank (what the paper compares against; each layer's own, under rank_pattern)."""
+    config = require_adapter(model, "summary")
+    layers = adapted_layers(model)
+    per_level = []
+    for level in range(config.num_levels):
+        unique = {id(layer.levels[level]): layer.levels[level] for _, layer in layers}
+        ranks = sorted({lvl.rank for lvl in unique.values()})
+        per_level.append({
+            "level": level,
+            "rank": ranks[0] if len(ranks) == 1 else ranks,  # a list where rank_pattern varies it
+            "groups": config.groups[level] if config.groups[level] is not None else "per layer",
+            "factor_pairs": len(unique),
+            "params": sum(lvl.A.numel() + lvl.B.numel() for lvl in unique.values()),
+        })
+    total = sum(row["params"] for row in per_level)
+    lora = sum(layer.ranks[0] * (layer.in_features + layer.out_features) for _, layer in layers)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    every = sum(p.numel() for p in model.parameters())
+    return {"levels": per_level, "total": total, "lora_rank": per_level[0]["rank"], "lora_equivalent": lora,
+            "adapted_layers": len(layers), "trainable": trainable, "all_params": every}
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    s = summary(model)
+    print(f"trainable params: {s['trainable']:,} || all params: {s['all_params']:,} || "
+          f"trainable%: {100 * s['trainable'] / max(s['all_params'], 1):.4f}")
+    for row in s["levels"]:
+        print(f"  level {row['level']}: rank {row['rank']!s:>3}, groups {row['groups']!s:>9}, "
+              f"{row['factor_pairs']:>4} factor pairs, {row['params']:,} params")
+    print(f"  MSPLoRA total {s['total']:,} vs LoRA r={s['lora_rank']} on the same {s['adapted_layers']} layers "
+          f"{s['lora_equivalent']:,} ({s['total'] / s['lora_equivalent']:.3f}x)")

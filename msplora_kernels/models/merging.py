@@ -1,0 +1,81 @@
+"""Merge, unmerge, disable and remove an adapter, as PEFT's calls of the same names do."""
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+
+from .inject import FACTORS_ATTR, adapted_layers, require_adapter
+
+def _check_merge_finite(model: nn.Module, who: str) -> None:
+    # Every layer first, so that a refused merge has merged nothing.
+    bad = [path for path, layer in adapted_layers(model) if not layer.merged and not layer.merge_is_finite()]
+    if bad:
+        raise ValueError(f"{who}: merging would put NaN or inf into {len(bad)} layer(s): "
+                         f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}; nothing was merged")
+
+
+def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
+    """Fold every adapter into its base weight in place (inference at nn.Linear speed).
+    safe_merge, as in PEFT: check every merged weight is finite first, and merge nothing if not."""
+    require_adapter(model, "merge_adapter")
+    if safe_merge:
+        _check_merge_finite(model, "merge_adapter")
+    for _, layer in adapted_layers(model):
+        layer.merge()
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    require_adapter(model, "unmerge_adapter")
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block the model computes its base outputs; merged weights are unmerged and
+    re-merged on exit."""
+    require_adapter(model, "disable_adapters")
+    layers = [layer for _, layer in adapted_layers(model)]
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        for layer in merged:
+            layer.merge()
+
+
+def _unload(model: nn.Module, merge: bool, who: str, safe_merge: bool = False) -> nn.Module:
+    require_adapter(model, who)
+    if safe_merge:
+        _check_merge_finite(model, who)
+    factors = getattr(model, FACTORS_ATTR)
+    for path, layer in adapted_layers(model):
+        if merge:
+            layer.merge()
+        elif layer.merged:
+            layer.unmerge()
+        parent_path, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), attr, layer.to_linear())
+    delattr(model, FACTORS_ATTR)
+    del model.msplora_config
+    for name, p in model.named_parameters():
+        p.requires_grad_(factors.original_requires_grad.get(name, p.requires_grad))
+    return model
+
+
+def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Merge every adapter and return the model with plain nn.Linear layers, as PEFT does
+    (safe_merge as in merge_adapter: on a non-finite merge nothing changes)."""
+    return _unload(model, merge=True, who="merge_and_unload", safe_merge=safe_merge)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove MSPLoRA without merging: the base model as it was, requires_grad flags included."""
+    return _unload(model, merge=False, who="unload")

@@ -1,0 +1,118 @@
+"""Which layers of a model get MSPLoRA, and where each sits in the pyramid.
+
+A layer's place is its stack of layers (the module list its path goes through), its index in
+that stack, and its target: the name of the factors it shares with the same layer of other
+indices.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from .base_layers import is_conv1d, linear_features, require_float_weight
+from .config import ALL_LINEAR, MSPLoraConfig
+
+# The names of the module lists that hold a model's layers, unless the config's layers_pattern says.
+DEFAULT_LAYER_LISTS = ("layers", "layer", "h", "blocks", "block")
+
+
+@functools.lru_cache(maxsize=32)
+def _layer_index_regex(names: tuple) -> re.Pattern:
+    return re.compile(rf"(?:^|\.)({'|'.join(map(re.escape, names))})\.(\d+)(?=\.|$)")
+
+
+def layer_position(path: str, layers_pattern=None) -> tuple[str, int] | None:
+    """(stack path, layer index) of a module path's first '<list>.<i>' component, if any, where
+    <list> is one of layers_pattern's names (None: DEFAULT_LAYER_LISTS)."""
+    names = (layers_pattern,) if isinstance(layers_pattern, str) else tuple(layers_pattern or DEFAULT_LAYER_LISTS)
+    m = _layer_index_regex(names).search(path)
+    return None if m is None else (path[: m.start(2) - 1], int(m.group(2)))
+
+
+@dataclass
+class Site:
+    """A base layer that gets MSPLoRA: where it is, which factors it shares, its ranks."""
+    path: str
+    linear: nn.Module  # an nn.Linear or a transformers Conv1D
+    target: str
+    layer: int
+    num_layers: int
+    ranks: tuple = ()  # the config's, or its rank_pattern's for this path
+
+
+def matches(path: str, target_modules) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, path) is not None
+    return any(path == t or path.endswith("." + t) for t in target_modules)
+
+
+def _targeted(path: str, config: MSPLoraConfig) -> bool:
+    if config.target_modules == ALL_LINEAR:
+        # As in PEFT, but a linear outside the stacks of layers (lm_head, a pooler, a classifier)
+        # has no place in the pyramid, so it is left out rather than refused.
+        return layer_position(path, config.layers_pattern) is not None
+    return matches(path, config.target_modules)
+
+
+def _place_in_layer(stack: str, site: Site) -> str:
+    """The site's path inside its layer: 'attention.output.dense' in '...layer.3.attention.output.dense'."""
+    return site.path[len(stack) + len(f".{site.layer}.") :]
+
+
+def _name_targets_by_place(sites: list[tuple[str, Site]]) -> None:
+    """A target (one set of shared factors) is named by the module's last name ('query'), so
+    T5's self- and cross-attention 'q' share. Where that name sits in several places of a layer
+    with different shapes, as BERT's 'dense' does (attention.output, intermediate, output), the
+    places cannot share, and each becomes its own target: 'attention_output_dense' and so on."""
+    shapes: dict[tuple[str, str], dict[str, tuple]] = {}
+    for stack, site in sites:
+        shape = linear_features(site.linear)
+        shapes.setdefault((stack, site.target), {})[_place_in_layer(stack, site)] = shape
+    for stack, site in sites:
+        if len(set(shapes[(stack, site.target)].values())) > 1:
+            site.target = _place_in_layer(stack, site).replace(".", "_")
+
+
+def find_sites(model: nn.Module, config: MSPLoraConfig) -> list[Site]:
+    linears = [(p, m) for p, m in model.named_modules() if p and (isinstance(m, nn.Linear) or is_conv1d(m))]
+    found = [(p, m) for p, m in linears if _targeted(p, config)]
+    if not found:
+        names = [p for p, _ in linears][:12]
+        raise ValueError(f"apply_msplora: no nn.Linear or Conv1D matches target_modules={config.target_modules!r}; "
+                         f"linear layers include {names}")
+    sites = []
+    for path, linear in found:
+        require_float_weight(linear, "apply_msplora", path)
+        position = layer_position(path, config.layers_pattern)
+        if position is None:
+            lists = config.layers_pattern or DEFAULT_LAYER_LISTS
+            raise ValueError(f"apply_msplora: {path!r} is not inside a stack of layers (no '<list>.<i>' in its "
+                             f"path for a <list> in {list(lists)}), so it has no place in the pyramid; name the "
+                             f"module list that holds the layers with layers_pattern, or narrow target_modules")
+        stack, index = position
+        site = Site(path, linear, path.rsplit(".", 1)[-1], index, len(model.get_submodule(stack)),
+                     config.ranks_for(path))
+        sites.append((stack, site))
+    _name_targets_by_place(sites)
+    if len({stack for stack, _ in sites}) > 1:
+        # Several stacks (an encoder and a decoder): each keeps its own shared levels.
+        for stack, site in sites:
+            site.target = f"{stack.replace('.', '_')}__{site.target}"
+    # Chosen after naming, so that a target's factors have the same names whatever the subset.
+    return _only_layers(sites, config.layers_to_transform)
+
+
+def _only_layers(sites: list[tuple[str, Site]], layers) -> list[Site]:
+    """The sites in the layers `layers_to_transform` names (all if None). A layer keeps its place
+    in the whole stack: layer i of N still shares the mid factors of group floor(g i / N)."""
+    if layers is None:
+        return [site for _, site in sites]
+    depths = {stack: site.num_layers for stack, site in sites}
+    beyond = [i for i in layers if all(i >= n for n in depths.values())]
+    if beyond:
+        raise ValueError(f"apply_msplora: layers_to_transform has {beyond}, beyond every stack of layers "
+                         f"({', '.join(f'{s} has {n}' for s, n in depths.items())})")
+    return [site for _, site in sites if site.layer in layers]

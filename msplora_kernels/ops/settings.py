@@ -1,0 +1,95 @@
+"""Process-wide choices, visible and settable from Python.
+
+Each setting starts from its environment variable, read once when the package is imported (or
+when `from_environment()` is called); after that only `configure()` changes it. Nothing reads
+the environment per call. `msplora_kernels.backend_info()` shows every setting and what it
+resolved to.
+
+    backend         $MSPLORA_BACKEND         the backend of calls that name none (None: the best available)
+    cpu_gemm        $MSPLORA_CPU_GEMM        the cpp backend's fp32 rank-R products: auto, onednn or aten
+    cuda_skinny     $MSPLORA_CUDA_SKINNY     the cuda backend's rank-R products: auto, kernels or cublas
+    triton_forward  $MSPLORA_TRITON_FORWARD  the triton backend's forward: split (two kernels) or onepass
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable
+
+CHOICES = {
+    "backend": (None, "torch", "cpp", "cuda", "triton"),
+    "cpu_gemm": ("auto", "onednn", "aten"),
+    "cuda_skinny": ("auto", "kernels", "cublas"),
+    "triton_forward": ("split", "onepass"),
+}
+ENVIRONMENT = {name: f"MSPLORA_{name.upper()}" for name in CHOICES}
+
+_values: dict = {name: choices[0] for name, choices in CHOICES.items()}
+_sources: dict = {name: "default" for name in CHOICES}
+_listeners: list[Callable[[dict], None]] = []
+
+
+def get(name: str):
+    return _values[name]
+
+
+def source(name: str) -> str:
+    """Where the current value came from: 'default', '$MSPLORA_...' or 'configure()'."""
+    return _sources[name]
+
+
+def current() -> dict:
+    return dict(_values)
+
+
+def on_change(listener: Callable[[dict], None]) -> None:
+    """Call listener(settings) now and after every change (the compiled extension mirrors some)."""
+    _listeners.append(listener)
+    listener(current())
+
+
+def _checked(changes: dict, origin: str) -> dict:
+    for name, value in changes.items():
+        if name not in CHOICES:
+            raise ValueError(f"msplora: unknown setting {name!r}; settings are {sorted(CHOICES)}")
+        if value not in CHOICES[name]:
+            raise ValueError(f"msplora: {origin} sets {name}={value!r}; choose one of {list(CHOICES[name])}")
+    return changes
+
+
+def _apply(changes: dict, origin: str) -> dict:
+    previous = {name: (_values[name], _sources[name]) for name in changes}
+    _values.update(changes)
+    _sources.update({name: origin for name in changes})
+    for listener in _listeners:
+        listener(current())
+    return previous
+
+
+def configure(**changes) -> dict:
+    """Set one or more settings for this process, e.g. configure(cpu_gemm="aten"); returns the
+    previous values. Every value is checked before any is set."""
+    previous = _apply(_checked(changes, "configure()"), "configure()")
+    return {name: value for name, (value, _) in previous.items()}
+
+
+@contextlib.contextmanager
+def overridden(**changes):
+    """Settings changed within a block only."""
+    previous = _apply(_checked(changes, "overridden()"), "configure()")
+    try:
+        yield
+    finally:
+        for name, (value, origin) in previous.items():
+            _apply({name: value}, origin)
+
+
+def from_environment() -> None:
+    """(Re)read every $MSPLORA_* variable; an unset or empty one leaves its setting as it is."""
+    for name, var in ENVIRONMENT.items():
+        raw = os.environ.get(var)
+        if raw:
+            _apply(_checked({name: raw}, f"${var}"), f"${var}")
+
+
+from_environment()

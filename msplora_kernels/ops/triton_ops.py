@@ -1,0 +1,42 @@
+"""The Triton launchers (triton_kernels/launchers.py) as torch.library ops, msplora_triton::<name>.
+
+Registered with triton_op, so that torch.compile(fullgraph=True) traces into their kernels; each
+call is first checked against the op contract, so a direct call with bad shapes gets a clear
+error. Importing this module needs triton.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.library import triton_op
+
+from ..triton_kernels import launchers
+from . import contract, derivatives
+from .backends import BACKENDS
+
+NAMESPACE = "msplora_triton"
+DTYPES = BACKENDS["triton"].dtypes
+
+
+def _checked(name: str, launch):
+    # functools.wraps: torch infers the op's schema from the launcher's signature, and finds the
+    # kernels it launches in the launcher's source.
+    @functools.wraps(launch)
+    def op(*args):
+        contract.bind(name, args)
+        dtype = next(a for a in args if isinstance(a, torch.Tensor)).dtype
+        if dtype not in DTYPES:
+            raise TypeError(f"msplora triton backend: {name} computes in {[str(d) for d in DTYPES]}, got {dtype}")
+        return launch(*args)
+
+    return op
+
+
+for _spec in contract.OPS:
+    triton_op(f"{NAMESPACE}::{_spec.name}", _checked(_spec.name, getattr(launchers, _spec.name)), mutates_args=())
+derivatives.register(NAMESPACE, [spec.name for spec in contract.OPS])
+
+
+def op_table():
+    return getattr(torch.ops, NAMESPACE)
