@@ -20,12 +20,29 @@ from .ops.functional import msplora_linear
 from .ops.reference import msplora_linear_reference
 from .ops.settings import configure
 
+
+
+def __getattr__(name):
+    # Imported on first use: they import transformers, which `import msplora_kernels` should not.
+    if name == "SaveAdapterCallback":
+        from .models.callbacks import SaveAdapterCallback
+
+        return SaveAdapterCallback
+    if name == "MSPLoraSpectrumCallback":
+        from .analysis import MSPLoraSpectrumCallback
+
+        return MSPLoraSpectrumCallback
+    raise AttributeError(f"module 'msplora_kernels' has no attribute {name!r}")
+
+
 __all__ = [
     "AdapterMismatchError",
     "DtypeMismatchError",
     "LoraLevel",
     "MSPLoraConfig",
     "MSPLoraLinear",
+    "MSPLoraSpectrumCallback",
+    "SaveAdapterCallback",
     "__version__",
     "adapted_layers",
     "adapter_state_dict",
