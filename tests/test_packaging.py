@@ -20,8 +20,10 @@ def test_wheel_layout(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"msplora_kernels"}, tops
-    for module in ("__init__", "kernels", "ops", "configs"):
+    for module in ("__init__", "kernels", "launchers", "configs", "compile_check"):
         assert f"msplora_kernels/triton_kernels/{module}.py" in names
+    for module in ("models/layer", "models/inject", "ops/contract", "ops/backends", "ops/reference"):
+        assert f"msplora_kernels/{module}.py" in names
     assert any(n.startswith("msplora_kernels/_C") and n.endswith(".so") for n in names)
     assert "msplora_kernels/analysis/__main__.py" in names
 

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from .._extras import MissingExtraError
 from . import plots
 from .metrics import analyze
 from .spectra import pairs_from_dir
@@ -24,11 +25,15 @@ def main(argv=None) -> int:
     metrics = analyze(pairs, config, lora_dir=args.compare_lora, top_k=args.top_k)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    written = [args.out / "metrics.json", plots.effective_rank_plot(metrics, args.out / "effective_rank.png")]
-    if metrics["layer_kl"]:
-        written.append(plots.kl_heatmaps(metrics, args.out / "layer_kl.png"))
-    if args.spectra:
-        written.append(plots.spectra_over_time(SpectrumRecorder.load(args.spectra), args.out / "spectra_over_time.png"))
+    written = [args.out / "metrics.json"]
+    try:
+        written.append(plots.effective_rank_plot(metrics, args.out / "effective_rank.png"))
+        if metrics["layer_kl"]:
+            written.append(plots.kl_heatmaps(metrics, args.out / "layer_kl.png"))
+        if args.spectra:
+            written.append(plots.spectra_over_time(SpectrumRecorder.load(args.spectra), args.out / "spectra_over_time.png"))
+    except MissingExtraError as exc:
+        print(f"no figures: {exc}", file=sys.stderr)  # the metrics are written all the same
     for row in metrics["levels"]:
         print(f"level {row['level']} (rank {row['rank']}, groups {row['groups']}): {row['factor_pairs']} factor pairs, "
               f"mean entropy effective rank {row['mean_entropy_effective_rank']:.3f}")

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import torch
 
+from .._extras import require
+
 
 def _plt():
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the analysis figures")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

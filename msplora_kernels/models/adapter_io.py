@@ -6,6 +6,7 @@ copies only when the whole file fits, so a mismatched file loads nothing.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -84,9 +85,28 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterMismatchError(f"load_adapter: {path} is corrupted or truncated: {exc}") from None
 
 
+def _older_sharing_hint(directory: Path, names_differ) -> str:
+    # Before 0.2.0, layers with one module name shared their levels wherever they sat (T5's self-
+    # and cross-attention 'q'); since then they share by place, so such a file has other factors.
+    if not names_differ:
+        return ""
+    try:
+        version = json.loads((directory / CONFIG_NAME).read_text()).get("msplora_version", "0")
+        older = tuple(int(part) for part in str(version).split(".")[:2]) < (0, 2)
+    except (ValueError, OSError, AttributeError):
+        return ""
+    if not older:
+        return ""
+    return (f". The adapter was saved by msplora-kernels {version}, which shared a level between all layers of one "
+            "module name, such as T5's self- and cross-attention 'q'; since 0.2.0 layers share by their place in the "
+            "layer, as the paper's code does, so where one name sits in several places the factors differ. Train "
+            "the adapter again, or load it with msplora-kernels<0.2")
+
+
 def _config_differences(saved: MSPLoraConfig, current: MSPLoraConfig) -> list[str]:
     a, b = saved.to_dict(), current.to_dict()
-    a.pop("backend", None), b.pop("backend", None)  # a runtime choice, not part of the adapter
+    for runtime in ("backend", "init_lora_weights"):  # how it runs, how it started: not the adapter itself
+        a.pop(runtime, None), b.pop(runtime, None)
     return [f"{k}: file {a[k]!r} vs model {b[k]!r}" for k in a if a[k] != b.get(k)]
 
 
@@ -121,7 +141,7 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
         problems.append(f"non-float tensors: {_listing(bad_dtype)}")
     if problems:
         raise AdapterMismatchError(f"load_adapter: {directory / WEIGHTS_NAME} does not fit the model ({'; '.join(problems)}); "
-                                   "nothing was loaded")
+                                   f"nothing was loaded{_older_sharing_hint(directory, missing or unexpected)}")
     if any(p.is_meta for p in params.values()):
         raise AdapterMismatchError("load_adapter: the model's adapter is on the meta device; materialize it first")
     with torch.no_grad():

@@ -7,6 +7,8 @@ tensor once.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -19,11 +21,14 @@ FACTORS_ATTR = "msplora_factors"
 
 
 class MSPLoraFactors(nn.Module):
-    """The root container of shared levels: factors[target][f"level{l}"][f"group{g}"]."""
+    """The root container of shared levels, factors[target][f"level{l}"][f"group{g}"], and of a
+    frozen copy of each module in modules_to_save as it was (original_modules[i] for
+    saved_module_paths[i]), which disable_adapters puts back while it is active, as PEFT does."""
 
     def __init__(self):
         super().__init__()
         self.targets = nn.ModuleDict()
+        self.original_modules = nn.ModuleList()
         self.original_requires_grad: dict[str, bool] = {}
         self.layer_paths: list[str] = []
         self.saved_module_paths: list[str] = []
@@ -78,6 +83,11 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_d
 
     factors = MSPLoraFactors()
     factors.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    # The modules to train in full, copied as they are before anything changes.
+    factors.saved_module_paths = [path for path, _ in model.named_modules()
+                                  if path and config.modules_to_save and matches(path, config.modules_to_save)]
+    for path in factors.saved_module_paths:
+        factors.original_modules.append(copy.deepcopy(model.get_submodule(path)).requires_grad_(False))
     for p in model.parameters():
         p.requires_grad_(False)
     for site in sites:
@@ -87,7 +97,7 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_d
 
         def make(rank, alpha, site=site, w=w, dtype=dtype):
             return lambda: LoraLevel(*linear_features(site.linear), rank, alpha, use_rslora=config.use_rslora,
-                                     device=w.device, dtype=dtype)
+                                     init_lora_weights=config.init_lora_weights, device=w.device, dtype=dtype)
 
         levels = [
             None if g is None else factors.get_or_create(site.target, level, group_of(site.layer, site.num_layers, g),
@@ -95,14 +105,13 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_d
             for level, g in enumerate(config.groups)
         ]
         layer = MSPLoraLinear.from_linear(site.linear, ranks=site.ranks, lora_alpha=config.alphas, use_rslora=config.use_rslora,
-                                          dropout=config.dropout, levels=levels, backend=config.backend, dtype=dtype)
+                                          init_lora_weights=config.init_lora_weights, dropout=config.dropout,
+                                          levels=levels, backend=config.backend, dtype=dtype)
         parent_path, _, attr = site.path.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, layer)
         factors.layer_paths.append(site.path)
-    for path, module in list(model.named_modules()):
-        if path and config.modules_to_save and matches(path, config.modules_to_save):
-            module.requires_grad_(True)
-            factors.saved_module_paths.append(path)
+    for path in factors.saved_module_paths:
+        model.get_submodule(path).requires_grad_(True)
     model.add_module(FACTORS_ATTR, factors)
     model.msplora_config = config
     return model

@@ -10,19 +10,22 @@ from torch import nn
 from ..ops import reference
 from ..ops.functional import msplora_linear
 from .base_layers import is_conv1d, linear_features, require_float_weight
-from .config import level_scale
+from .config import check_init, level_scale
 
 
 class LoraLevel(nn.Module):
-    """One level's factors: A (in_features x rank, Gaussian) and B (rank x out_features, zero).
+    """One level's factors: A (in_features x rank) and B (rank x out_features).
 
     The level's output is scale * (x A) B with scale = alpha / rank (alpha / sqrt(rank) with
     use_rslora). A level may be shared by several MSPLoraLinear layers; it is then registered
-    once, by its owner.
+    once, by its owner. init_lora_weights as PEFT's: True, the paper's and PEFT's default (A
+    Kaiming-uniform over its fan-in, B zero, so a fresh adapter changes nothing), "gaussian" (A
+    normal with std 1 / rank, B zero) or False (B random too: an adapter that changes the model,
+    for tests).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float = 16.0, *, use_rslora: bool = False,
-                 device=None, dtype=None):
+                 init_lora_weights=True, device=None, dtype=None):
         super().__init__()
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"LoraLevel: rank must be an int >= 1, got {rank!r}")
@@ -30,6 +33,7 @@ class LoraLevel(nn.Module):
             raise TypeError(f"LoraLevel: use_rslora must be a bool, got {use_rslora!r}")
         self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, float(alpha)
         self.use_rslora = use_rslora
+        self.init_lora_weights = check_init(init_lora_weights, "LoraLevel")
         self.A = nn.Parameter(torch.empty(in_features, rank, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(rank, out_features, device=device, dtype=dtype))
         self.reset_parameters()
@@ -39,9 +43,16 @@ class LoraLevel(nn.Module):
         return level_scale(self.alpha, self.rank, self.use_rslora)
 
     def reset_parameters(self) -> None:
-        # Kaiming-normal on A's fan-in; B = 0 so a fresh adapter changes nothing.
-        nn.init.normal_(self.A, std=1.0 / math.sqrt(self.in_features))
-        nn.init.zeros_(self.B)
+        # PEFT keeps A as an nn.Linear weight (rank, in_features); its transposed view here has
+        # the same fan-in, so each scheme draws exactly PEFT's distribution.
+        if self.init_lora_weights == "gaussian":
+            nn.init.normal_(self.A, std=1.0 / self.rank)
+        else:
+            nn.init.kaiming_uniform_(self.A.T, a=math.sqrt(5))
+        if self.init_lora_weights is False:
+            nn.init.kaiming_uniform_(self.B.T, a=math.sqrt(5))  # as nn.Linear(rank, out_features) would
+        else:
+            nn.init.zeros_(self.B)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
@@ -75,6 +86,7 @@ class MSPLoraLinear(nn.Module):
         ranks: Sequence[int] = (8, 4, 2),
         lora_alpha=16,
         use_rslora: bool = False,
+        init_lora_weights=True,
         dropout: float = 0.0,
         levels: Optional[Sequence[Optional[LoraLevel]]] = None,
         backend: Optional[str] = None,
@@ -103,6 +115,7 @@ class MSPLoraLinear(nn.Module):
         # True when made from a Conv1D: weight is that layer's own (in, out) Parameter, so the
         # model's state_dict keeps its keys and layout, and to_linear() gives the Conv1D back.
         self.fan_in_fan_out = False
+        self.init_lora_weights = check_init(init_lora_weights, "MSPLoraLinear")
         self._build_levels(ranks, lora_alpha, use_rslora, levels, self.weight.device,
                            self.weight.dtype if dtype is None else dtype)
 
@@ -120,6 +133,7 @@ class MSPLoraLinear(nn.Module):
         for i, (alpha, lvl) in enumerate(zip(alphas, given)):
             if lvl is None:
                 lvl = LoraLevel(self.in_features, self.out_features, ranks[i], alpha, use_rslora=use_rslora,
+                                init_lora_weights=self.init_lora_weights,
                                 device=device, dtype=dtype)
                 self.own_levels[str(i)] = lvl
             elif (lvl.in_features, lvl.out_features) != (self.in_features, self.out_features):

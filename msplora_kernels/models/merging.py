@@ -31,10 +31,23 @@ def unmerge_adapter(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def _swap_saved_modules(model: nn.Module) -> None:
+    """Exchange each module in modules_to_save with the copy kept in the factors container: the
+    trained one for the original, or back."""
+    factors = getattr(model, FACTORS_ATTR)
+    for i, path in enumerate(factors.saved_module_paths):
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        current = getattr(parent, attr)
+        setattr(parent, attr, factors.original_modules[i])
+        factors.original_modules[i] = current
+
+
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Within the block the model computes its base outputs; merged weights are unmerged and
-    re-merged on exit."""
+    """Within the block the model computes its base outputs exactly: every adapted layer runs its
+    base weight alone (merged weights are unmerged and re-merged on exit), and each module in
+    modules_to_save is the original, as PEFT's disable_adapter gives it."""
     require_adapter(model, "disable_adapters")
     layers = [layer for _, layer in adapted_layers(model)]
     merged = [layer for layer in layers if layer.merged]
@@ -42,9 +55,11 @@ def disable_adapters(model: nn.Module):
         layer.unmerge()
     for layer in layers:
         layer.disabled = True
+    _swap_saved_modules(model)
     try:
         yield model
     finally:
+        _swap_saved_modules(model)
         for layer in layers:
             layer.disabled = False
         for layer in merged:
@@ -72,10 +87,13 @@ def _unload(model: nn.Module, merge: bool, who: str, safe_merge: bool = False) -
 
 def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     """Merge every adapter and return the model with plain nn.Linear layers, as PEFT does
-    (safe_merge as in merge_adapter: on a non-finite merge nothing changes)."""
+    (safe_merge as in merge_adapter: on a non-finite merge nothing changes). Modules in
+    modules_to_save keep their trained weights, as PEFT's merge_and_unload keeps them."""
     return _unload(model, merge=True, who="merge_and_unload", safe_merge=safe_merge)
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove MSPLoRA without merging: the base model as it was, requires_grad flags included."""
+    """Remove MSPLoRA without merging: the base layers as they were, requires_grad flags included.
+    Modules in modules_to_save keep their trained weights, as PEFT's unload keeps them; for the
+    original ones, use disable_adapters."""
     return _unload(model, merge=False, who="unload")

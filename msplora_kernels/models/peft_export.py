@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._extras import require
 from ..ops.reference import lora_factors
 from .adapter_io import WEIGHTS_NAME
 from .inject import adapted_layers, require_adapter, saved_modules
@@ -34,10 +35,7 @@ def peft_lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None = None) -> int:
     """Write a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors); returns its rank R
     (the largest, where rank_pattern gives layers different ranks)."""
-    try:
-        import peft
-    except ImportError as exc:
-        raise ImportError("export_peft needs peft: pip install peft") from exc
+    peft = require("peft", "export_peft")
     from safetensors.torch import save_file
 
     config = require_adapter(model, "export_peft")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .base_layers import is_conv1d, linear_features, require_float_weight
+from .base_layers import is_conv1d, require_float_weight
 from .config import ALL_LINEAR, MSPLoraConfig
 
 # The names of the module lists that hold a model's layers, unless the config's layers_pattern says.
@@ -63,16 +63,16 @@ def _place_in_layer(stack: str, site: Site) -> str:
 
 
 def _name_targets_by_place(sites: list[tuple[str, Site]]) -> None:
-    """A target (one set of shared factors) is named by the module's last name ('query'), so
-    T5's self- and cross-attention 'q' share. Where that name sits in several places of a layer
-    with different shapes, as BERT's 'dense' does (attention.output, intermediate, output), the
-    places cannot share, and each becomes its own target: 'attention_output_dense' and so on."""
-    shapes: dict[tuple[str, str], dict[str, tuple]] = {}
+    """Layers share a level when they sit at the same place in their layers: the module path with
+    the stack and the layer index removed, as the paper's code shares. A target (one set of shared
+    factors) is named by the module's last name ('query') where that name has one place in its
+    stack, and by the whole place where it has several: T5's self- and cross-attention 'q'
+    ('layer_0_SelfAttention_q', 'layer_1_EncDecAttention_q'), BERT's three 'dense' layers."""
+    places: dict[tuple[str, str], set] = {}
     for stack, site in sites:
-        shape = linear_features(site.linear)
-        shapes.setdefault((stack, site.target), {})[_place_in_layer(stack, site)] = shape
+        places.setdefault((stack, site.target), set()).add(_place_in_layer(stack, site))
     for stack, site in sites:
-        if len(set(shapes[(stack, site.target)].values())) > 1:
+        if len(places[(stack, site.target)]) > 1:
             site.target = _place_in_layer(stack, site).replace(".", "_")
 
 

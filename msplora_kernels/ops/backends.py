@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .._extras import install_hint
 from . import native, settings
 
 _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -58,16 +59,20 @@ def _native_ops():
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> Optional[str]:
     try:
+        import triton  # noqa: F401
+    except ImportError:
+        return f"triton is not installed ({install_hint('triton')})"
+    try:
         from . import triton_ops  # noqa: F401
     except Exception as exc:  # any failure means the backend is not usable
-        return f"{type(exc).__name__}: {exc}"
+        return f"triton: {type(exc).__name__}: {exc}"
     return None
 
 
 def _triton_ops():
     error = _triton_import_error()
     if error is not None:
-        raise RuntimeError(f"triton: {error}")
+        raise RuntimeError(error)
     from . import triton_ops
 
     return triton_ops.op_table()
@@ -98,7 +103,7 @@ def _triton_why_not(device_type) -> list:
     elif device_type == "cpu" and not triton_interpreter_on():
         reasons.append("on the CPU, triton runs only under TRITON_INTERPRET=1")
     if _triton_import_error() is not None:
-        reasons.append(f"triton: {_triton_import_error()}")
+        reasons.append(_triton_import_error())
     return reasons
 
 

@@ -1,0 +1,75 @@
+"""The README runs as written: every python block executes, and every command of its bash blocks
+names a make target, script or module that exists and answers --help."""
+import copy
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import msplora_kernels as mk
+from models import tiny_bert
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+
+
+def names_the_block_needs(block: str) -> dict:
+    """What a block uses without defining it: a small model, or the functional form's tensors."""
+    given = {}
+    if "base_model" in block:
+        # A tiny BERT classifier, as the Hugging Face block's `model` and `base_model`.
+        given["model"] = tiny_bert()
+        given["base_model"] = copy.deepcopy(given["model"])
+    if "msplora_linear(x, weight" in block:
+        x, weight, bias = torch.randn(4, 10, 64), torch.randn(32, 64) / 8, torch.randn(32)
+        ranks = (8, 4, 2)
+        given.update(x=x, weight=weight, bias=bias, As=[torch.randn(64, r) / 8 for r in ranks],
+                     Bs=[torch.randn(r, 32) for r in ranks], scales=[16 / r for r in ranks])
+    return given
+
+
+def test_the_readme_has_the_blocks_this_test_knows():
+    assert len(PYTHON_BLOCKS) >= 4 and BASH_BLOCKS
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[f"python-{i}" for i in range(len(PYTHON_BLOCKS))])
+def test_python_block_runs(block, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = {name: v["value"] for name, v in mk.backend_info()["settings"].items()}
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme", **names_the_block_needs(block)})
+    # A block that changes a setting puts it back.
+    assert {name: v["value"] for name, v in mk.backend_info()["settings"].items()} == settings
+
+
+def _commands():
+    for block in BASH_BLOCKS:
+        text = re.sub(r"\\\n\s*", " ", block)  # join continued lines
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                yield shlex.split(line)
+
+
+@pytest.mark.parametrize("argv", list(_commands()), ids=lambda a: " ".join(a)[:60])
+def test_bash_command_exists(argv):
+    if argv[0] == "make":
+        targets = re.findall(r"^([a-z]+):", (ROOT / "Makefile").read_text(), flags=re.M)
+        assert argv[1] in targets, f"no make target {argv[1]}"
+        return
+    assert argv[0] == "python", argv
+    if argv[1] == "-m":
+        cmd = [sys.executable, "-m", argv[2], "--help"]
+    else:
+        assert (ROOT / argv[1]).is_file(), f"{argv[1]} does not exist"
+        cmd = [sys.executable, str(ROOT / argv[1]), "--help"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stderr[-2000:]
+    # Every option the README passes is one the command knows.
+    for option in [a.split("=")[0] for a in argv if a.startswith("--")]:
+        assert option in proc.stdout, f"{option} is not an option of {argv[1:3]}"
