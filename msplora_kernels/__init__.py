@@ -11,6 +11,7 @@ from .errors import AdapterMismatchError, DtypeMismatchError
 from .models.adapter_io import adapter_state_dict, load_adapter, load_msplora, save_adapter
 from .models.config import MSPLoraConfig
 from .models.counts import print_trainable_parameters, summary
+from .models.hub import push_to_hub
 from .models.inject import adapted_layers, apply_msplora
 from .models.layer import LoraLevel, MSPLoraLinear
 from .models.merging import disable_adapters, merge_adapter, merge_and_unload, unload, unmerge_adapter
@@ -61,6 +62,7 @@ __all__ = [
     "msplora_linear",
     "msplora_linear_reference",
     "print_trainable_parameters",
+    "push_to_hub",
     "save_adapter",
     "summary",
     "unload",

@@ -126,5 +126,8 @@ def test_a_whole_model_directory_gets_a_hint(tmp_path):
     model.save_pretrained(tmp_path)  # what Trainer.save_model writes: the whole model
     with pytest.raises(FileNotFoundError, match="no adapter_config.json in .*whole model.*save_adapter"):
         mk.load_msplora(tiny_bert(), tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"no adapter_config.json in \S+$"):
+    with pytest.raises(FileNotFoundError, match=r"no adapter folder \S+missing, and it is not a Hub repo id"):
         mk.load_msplora(tiny_bert(), tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no adapter_config.json in \S+empty$"):
+        mk.load_msplora(tiny_bert(), tmp_path / "empty")

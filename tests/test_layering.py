@@ -18,7 +18,7 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if parts[:2] == ["msplora_kernels", "triton_kernels"]:
         return "kernels"
-    if parts[:2] in (["msplora_kernels", n] for n in ("errors", "_version", "_extras", "_C")):
+    if parts[:2] in (["msplora_kernels", n] for n in ("errors", "_version", "_extras", "_build", "_C")):
         return "leaf"  # exception types, the version, optional imports, the compiled library: any layer may use them
     if len(parts) > 1 and parts[1] in ("models", "ops"):
         return parts[1]

@@ -1,5 +1,6 @@
-"""The built wheel: our Triton code only as msplora_kernels.triton_kernels, never a top-level
-`triton_kernels` (that import name belongs to another package), and the compiled extension."""
+"""The wheel built with torch at hand (--no-build-isolation): our Triton code only as
+msplora_kernels.triton_kernels, never a top-level `triton_kernels` (that import name belongs to
+another package), the compiled extension with its build record, and the C++ sources."""
 import os
 import shutil
 import subprocess
@@ -25,6 +26,10 @@ def test_wheel_layout(tmp_path):
     for module in ("models/layer", "models/inject", "ops/contract", "ops/backends", "ops/reference"):
         assert f"msplora_kernels/{module}.py" in names
     assert any(n.startswith("msplora_kernels/_C") and n.endswith(".so") for n in names)
+    # Which torch the extension was built for, checked at import; the sources, for a first-use build.
+    assert "msplora_kernels/_build_info.json" in names
+    for source in ("msplora_ops.cpp", "settings.h", "cpu/msplora_cpu.cpp", "cuda/msplora_kernels.cu"):
+        assert f"msplora_kernels/csrc/{source}" in names
     assert "msplora_kernels/analysis/__main__.py" in names
 
 

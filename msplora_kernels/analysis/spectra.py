@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from ..models.adapter_io import WEIGHTS_NAME, adapter_state_dict
+from ..models.adapter_io import adapter_state_dict
+from ..models.config import WEIGHTS_NAME
 from ..models.config import CONFIG_NAME, level_scale
 from ..models.inject import FACTORS_ATTR
 from ..models.targets import layer_position

@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import CONFIG_NAME, MSPLoraConfig
+from .config import CONFIG_NAME, WEIGHTS_NAME, MSPLoraConfig
+from .hub import adapter_folder
 from ..errors import AdapterMismatchError
 from .inject import apply_msplora, require_adapter, saved_modules
 from .layer import LoraLevel
 from .merging import unload
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 _SHOW = 5  # names listed in an error before "and N more"
 
 
@@ -150,9 +150,14 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     return model
 
 
-def load_msplora(model: nn.Module, directory, *, autocast_adapter_dtype: bool = True) -> nn.Module:
+def load_msplora(model: nn.Module, directory, *, autocast_adapter_dtype: bool = True, revision=None, token=None,
+                 cache_dir=None) -> nn.Module:
     """Apply MSPLoRA from a saved adapter's config, then load its weights. On any error the
-    model is left as it was. autocast_adapter_dtype as in apply_msplora."""
+    model is left as it was. autocast_adapter_dtype as in apply_msplora.
+
+    `directory` is a folder, or a Hugging Face Hub repo id ("org/name"), downloaded at `revision`
+    with `token` into the Hub cache (or `cache_dir`); HF_HUB_OFFLINE=1 takes it from the cache."""
+    directory = adapter_folder(directory, revision=revision, token=token, cache_dir=cache_dir)
     config = MSPLoraConfig.from_pretrained(directory)
     apply_msplora(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
     try:

@@ -12,6 +12,7 @@ from typing import Mapping, Optional, Sequence, Union
 from ..ops.settings import CHOICES
 
 CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_TYPE = "MSPLORA"
 # target_modules value that adapts every nn.Linear inside the model's stacks of layers.
 ALL_LINEAR = "all-linear"

@@ -14,7 +14,7 @@ from torch import nn
 
 from .._extras import require
 from ..ops.reference import lora_factors
-from .adapter_io import WEIGHTS_NAME
+from .config import WEIGHTS_NAME
 from .inject import adapted_layers, require_adapter, saved_modules
 
 

@@ -199,7 +199,8 @@ def backend_info() -> dict:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     out = {"settings": {name: {"value": settings.get(name), "source": settings.source(name)}
                         for name in settings.CHOICES},
-           "extension": {"loaded": native.loaded(), "error": native.LOAD_ERROR}, "backends": {}}
+           "extension": {"loaded": native.loaded(), "how": native.HOW_LOADED, "why_not": native.LOAD_ERROR},
+           "backends": {}}
     for name, b in BACKENDS.items():
         out["backends"][name] = {
             "summary": b.summary,

@@ -1,9 +1,11 @@
-"""The compiled op library msplora_kernels._C: loaded defensively, then made whole for torch.
+"""The compiled op library: loaded defensively, then made whole for torch.
 
-If it cannot load, the package warns once and automatic choices fall back to the "torch"
-backend; naming "cpp" or "cuda" then raises. The schemas and device kernels live in csrc/; here
-they get fake kernels from the op contract (for torch.compile), their per-op derivatives, and
-the settings they follow.
+Where it comes from, in order: msplora_kernels._C built at install time, if it was built for the
+running torch (msplora_kernels/_build_info.json says which); else a build for the running torch
+on first use (first_use_build.py), cached; else nothing, and the package warns once and
+automatic choices fall back to the "torch" backend (naming "cpp" or "cuda" then raises). The
+schemas and device kernels live in csrc/; here they get fake kernels from the op contract (for
+torch.compile), their per-op derivatives, and the settings they follow.
 """
 from __future__ import annotations
 
@@ -12,19 +14,46 @@ import warnings
 
 import torch
 
-from . import contract, derivatives, settings
+from .. import _build
+from . import contract, derivatives, first_use_build, settings
 
-LOAD_ERROR: str | None = None
-try:
-    from .. import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
-except (ImportError, OSError) as exc:  # pragma: no cover - depends on the build
-    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
-    warnings.warn(
-        f"msplora_kernels: the compiled extension could not be loaded ({LOAD_ERROR}); "
-        "using the pure-PyTorch 'torch' backend. Reinstall with `pip install --no-build-isolation -e .`.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+FIX = ("pip install --no-build-isolation --force-reinstall msplora-kernels (with torch, a C++ compiler and ninja "
+       "installed), or from a source tree: pip install --no-build-isolation -e .")
+
+
+def _load_installed():
+    """Import the extension built at install; returns (how it loaded, or None, and why not)."""
+    info = _build.read_build_info()
+    if info is None:
+        return None, "no extension was built at install time"
+    if info.get("torch") != torch.__version__:
+        return None, (f"the installed extension was built for torch {info.get('torch')}, but torch "
+                      f"{torch.__version__} is running")
+    try:
+        from .. import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+    except (ImportError, OSError) as exc:  # pragma: no cover - depends on the build
+        return None, f"the installed extension did not load ({type(exc).__name__}: {exc})"
+    return f"built at install for torch {info['torch']}", None
+
+
+def _load():
+    how, why_not_installed = _load_installed()
+    if how is not None:
+        return how, None
+    if not first_use_build.enabled():
+        return None, f"{why_not_installed}, and the first-use build is off (MSPLORA_FIRST_USE_BUILD=0)"
+    try:
+        folder = first_use_build.load()
+    except Exception as exc:  # a compiler error, a missing compiler or ninja: fall back, saying why
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return None, f"{why_not_installed}, and building it on first use failed ({type(exc).__name__}: {detail})"
+    return f"built on first use for torch {torch.__version__}, in {folder}", None
+
+
+HOW_LOADED, LOAD_ERROR = _load()
+if LOAD_ERROR is not None:
+    warnings.warn(f"msplora_kernels: the compiled extension is not available: {LOAD_ERROR}. Using the pure-PyTorch "
+                  f"'torch' backend. To fix: {FIX}", RuntimeWarning, stacklevel=2)
 
 NAMESPACE = "msplora"
 
