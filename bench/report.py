@@ -68,16 +68,31 @@ def flop_floor(r: dict) -> float | None:
     return 1.0 + 3.0 * rank * (k + n) / (2.0 * k * n)
 
 
+def group(r: dict) -> tuple:
+    """The records compared with each other: one case in one dtype at one dropout."""
+    return r["case"], r["dtype"], r["dropout"]
+
+
+def group_label(r: dict, records: list[dict]) -> str:
+    """The case, and the dtype and dropout where the records hold several."""
+    parts = [r["case"]]
+    if len({x["dtype"] for x in records}) > 1:
+        parts.append(r["dtype"])
+    if len({x["dropout"] for x in records}) > 1:
+        parts.append(f"p={r['dropout']:g}")
+    return " ".join(parts)
+
+
 def add_ratios(records: list[dict]) -> None:
     """Each record's fwd+bwd time relative to the floor (`linear`, or `no_adapter` for a model step;
     stored as vs_linear), to `peft_lora` and to `msplora_naive` of the same case."""
     ref = {}
     for r in records:
         if r["method"] in ("linear", "peft_lora", "msplora_naive", "no_adapter"):
-            ref[(r["case"], r["method"])] = r["fwd_bwd_ms"]
+            ref[(group(r), r["method"])] = r["fwd_bwd_ms"]
 
     def ratio(r, *methods):
-        base = next((ref[(r["case"], m)] for m in methods if (r["case"], m) in ref), None)
+        base = next((ref[(group(r), m)] for m in methods if (group(r), m) in ref), None)
         return r["fwd_bwd_ms"] / base if base else None
 
     for r in records:
@@ -102,7 +117,7 @@ def _fmt(v, spec):
 def table(records: list[dict]) -> str:
     floor = "x no_adapter" if any(r["method"] == "no_adapter" for r in records) else "x linear"
     cols = [
-        ("case", lambda r: r["case"]),
+        ("case", lambda r: group_label(r, records)),
         ("method", label),
         ("tokens", lambda r: str(r["tokens"])),
         ("trainable", lambda r: f"{r['trainable_params']:,}"),
@@ -115,8 +130,9 @@ def table(records: list[dict]) -> str:
         ("x naive", lambda r: _fmt(r["vs_naive"], ".3f")),
         ("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
         ("peak MB", lambda r: _fmt(r["peak_mem_mb"], ".1f")),
+        ("weights MB", lambda r: _fmt(r.get("weights_mb"), ".1f")),
     ]
-    for name, key in (("x naive", "vs_naive"), ("floor", "flop_floor_vs_linear")):
+    for name, key in (("x naive", "vs_naive"), ("floor", "flop_floor_vs_linear"), ("weights MB", "weights_mb")):
         if all(r.get(key) is None for r in records):
             cols = [c for c in cols if c[0] != name]
     rows = [[name for name, _ in cols]] + [[f(r) for _, f in cols] for r in records]
@@ -141,14 +157,14 @@ def plot(path, meta: dict, records: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = list(dict.fromkeys(r["case"] for r in records))
+    cases = list(dict.fromkeys(group_label(r, records) for r in records))
     labels = list(dict.fromkeys(label(r) for r in records))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases) * len(labels) / 3 + 3), 4.5))
     width = 0.8 / len(labels)
     for i, lab in enumerate(labels):
         xs, ys = [], []
         for j, case in enumerate(cases):
-            r = next((r for r in records if r["case"] == case and label(r) == lab), None)
+            r = next((r for r in records if group_label(r, records) == case and label(r) == lab), None)
             if r and r["vs_linear"] is not None:
                 xs.append(j + (i - (len(labels) - 1) / 2) * width)
                 ys.append(r["vs_linear"])
@@ -157,14 +173,15 @@ def plot(path, meta: dict, records: list[dict]) -> None:
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     for j, case in enumerate(cases):
         floors = [r.get("flop_floor_vs_linear") for r in records
-                  if r["case"] == case and r["method"].startswith("msplora")]
+                  if group_label(r, records) == case and r["method"].startswith("msplora")]
         if floors and floors[0]:
             ax.hlines(floors[0], j - 0.42, j + 0.42, colors="dimgray", linestyles=":", linewidth=1.2,
                       label="MSPLoRA FLOP floor" if j == 0 else None)
-    ax.set_xticks(range(len(cases)), cases)
+    ax.set_xticks(range(len(cases)), [c.replace(" ", "\n", 1) for c in cases], fontsize=8)
     step = any(r["method"] == "no_adapter" for r in records)
     ax.set_ylabel("training step time / no adapter" if step else "forward+backward time / frozen nn.Linear")
-    ax.set_title(f"MSPLoRA {'training-step' if step else 'layer'} cost, {meta['dtype']}, dropout {dropouts(records)}\n"
+    dtypes = ", ".join(dict.fromkeys(r["dtype"] for r in records))
+    ax.set_title(f"MSPLoRA {'training-step' if step else 'layer'} cost, {dtypes}, dropout {dropouts(records)}\n"
                  f"on {meta['device_name']}", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_ylim(0, max(r["vs_linear"] or 0 for r in records) * 1.15)

@@ -3,6 +3,7 @@
     python bench/throughput.py                      # default cases on the best device
     python bench/throughput.py --quick --json r.json --plot r.png
     python bench/throughput.py --model              # a full training step of a LLaMA-style model
+    python bench/throughput.py --sweep              # float32 and bfloat16, dropout 0.05 and 0, in one run
 """
 from __future__ import annotations
 
@@ -32,10 +33,18 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed rounds on the CPU (default 15, quick 5)")
     p.add_argument("--dropout", type=float, default=None,
                    help=f"adapter dropout (default: the paper's {methods.PAPER_DROPOUT}; 0 turns it off)")
+    p.add_argument("--sweep", action="store_true",
+                   help="every combination of --dtypes and --dropouts in one run (default: float32 and bfloat16, "
+                        "the paper's dropout and 0)")
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"],
+                   help="the dtypes of --sweep")
+    p.add_argument("--dropouts", nargs="+", type=float, default=None, help="the dropouts of --sweep")
     p.add_argument("--quick", action="store_true", help="fewer tokens and repeats (under 3 minutes on a CPU)")
     p.add_argument("--cuda-graphs", action="store_true", help="on a GPU, time CUDA-graph replays")
     p.add_argument("--model", action="store_true", help="time a full training step of a LLaMA-style model instead")
     p.add_argument("--targets", choices=["qv", "all-linear"], default="qv", help="adapted modules for --model")
+    p.add_argument("--quantize", choices=["nf4", "int8"], default=None,
+                   help="with --model: also the step on a bitsandbytes-quantized base (QLoRA against MSPLoRA)")
     p.add_argument("--json", type=Path, default=None, help="write records and metadata here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart here")
     args = p.parse_args(argv)
@@ -44,6 +53,13 @@ def parse_args(argv=None):
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    if args.quantize and not args.model:
+        p.error("--quantize applies to --model (a training step of a quantized model)")
+    if args.sweep and (args.model or args.dropout is not None):
+        p.error("--sweep sweeps dtypes and dropouts of the layer cases; give --dtypes and --dropouts instead")
+    args.dropouts = args.dropouts or [methods.PAPER_DROPOUT, 0.0]
+    if not all(0.0 <= d < 1.0 for d in args.dropouts):
+        p.error(f"--dropouts must be in [0, 1), got {args.dropouts}")
     if args.repeats is None:
         args.repeats = 5 if args.quick else 15
     return args
@@ -121,10 +137,13 @@ def case_records(case, runs, args, progress) -> list[dict]:
 
 def layer_records(args) -> list[dict]:
     runs = methods.method_runs(args.methods, args.device)
+    settings = [(DTYPES[d], p) for d in args.dtypes for p in args.dropouts] if args.sweep else [(args.dtype, args.dropout)]
     records = []
-    with progress_bar(len(args.cases) * len(runs), "layers") as progress:
-        for name in args.cases:
-            records += case_records(methods.CASES[name], runs, args, progress)
+    with progress_bar(len(settings) * len(args.cases) * len(runs), "layers") as progress:
+        for dtype, dropout in settings:
+            one = argparse.Namespace(**{**vars(args), "dtype": dtype, "dropout": dropout})
+            for name in args.cases:
+                records += case_records(methods.CASES[name], runs, one, progress)
     return records
 
 
@@ -139,6 +158,8 @@ def main(argv=None) -> int:
         records = layer_records(args)
     report.add_ratios(records)
     meta = report.metadata(args.device, args.dtype)
+    if args.sweep:
+        meta["dtype"] = ", ".join(args.dtypes)
     print(f"\n{meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, triton {meta['triton']}, "
           f"commit {str(meta['git_commit'])[:10]}, dropout {report.dropouts(records)}"
           + (f", cpp rank-R GEMMs on {meta['cpu_adapter_gemm']}" if args.device == "cpu" else "")

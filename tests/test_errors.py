@@ -99,7 +99,7 @@ def e_shared_shape():
 
 
 def e_quantized_base():
-    # A quantized layer (bitsandbytes' subclass nn.Linear) holds an integer weight.
+    # A quantized layer of a library other than bitsandbytes: an nn.Linear holding an integer weight.
     model = tiny_llama()
     q_proj = model.model.layers[1].self_attn.q_proj
     q_proj.weight = torch.nn.Parameter(torch.randint(-8, 8, q_proj.weight.shape, dtype=torch.int8), requires_grad=False)
@@ -170,7 +170,9 @@ CATALOGUE = {
     "E18": (e_adapter_tensors, mk.AdapterMismatchError, "shape mismatch:"),
     "E19": (e_adapter_keys, mk.AdapterMismatchError, "missing from the file:"),
     "E20": (e_adapter_corrupt, mk.AdapterMismatchError, "is corrupted or truncated"),
-    "E21": (e_quantized_base, TypeError, "model.layers.1.self_attn.q_proj (Linear) has a torch.int8 weight of shape (32, 32)"),
+    "E21": (e_quantized_base, TypeError, "model.layers.1.self_attn.q_proj (torch.nn.modules.linear.Linear) has a "
+                                         "torch.int8 weight of shape (32, 32); MSPLoRA takes floating-point base "
+                                         "layers and bitsandbytes Linear4bit (nf4, fp4) and Linear8bitLt"),
     "E22": (e_rank_pattern_splits_a_level, ValueError, "rank_pattern gives model.layers.0.self_attn.q_proj rank 16 and "
             "model.layers.1.self_attn.q_proj rank 8 at level 0, which they share"),
     "E23": (e_outside_a_stack, ValueError, "'resblocks.0' is not inside a stack of layers"),

@@ -22,7 +22,8 @@ def test_analysis_without_matplotlib_writes_the_metrics_and_says_so(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["levels"]
     assert not list((tmp_path / "out").glob("*.png"))
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    # Other packages may write to stderr on import (bitsandbytes does); ours is one line.
+    lines = [line for line in proc.stderr.splitlines() if "matplotlib" in line or "msplora" in line]
     assert "Traceback" not in proc.stderr
     assert lines == ["no figures: the analysis figures needs matplotlib, which is not installed: "
                      "pip install 'msplora-kernels[plots]'"], proc.stderr

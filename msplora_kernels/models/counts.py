@@ -24,7 +24,8 @@ def summary(model: nn.Module) -> dict:
     total = sum(row["params"] for row in per_level)
     lora = sum(layer.ranks[0] * (layer.in_features + layer.out_features) for _, layer in layers)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    every = sum(p.numel() for p in model.parameters())
+    # A 4-bit weight packs two values in a byte; count values, as PEFT does.
+    every = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
     return {"levels": per_level, "total": total, "lora_rank": per_level[0]["rank"], "lora_equivalent": lora,
             "adapted_layers": len(layers), "trainable": trainable, "all_params": every}
 

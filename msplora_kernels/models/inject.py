@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from .base_layers import linear_features
+from .base_layers import compute_dtype, hold_trainable_layout, linear_features
 from .config import MSPLoraConfig, group_of
 from .layer import LoraLevel, MSPLoraLinear
 from .targets import Site, find_sites, matches
@@ -32,6 +32,8 @@ class MSPLoraFactors(nn.Module):
         self.original_requires_grad: dict[str, bool] = {}
         self.layer_paths: list[str] = []
         self.saved_module_paths: list[str] = []
+        # path -> bitsandbytes' CPU inference-layout switch of each 4-bit layer before MSPLoRA.
+        self.quantized_cpu_inference: dict[str, bool] = {}
 
     def get_or_create(self, target: str, level: int, group: int, make) -> LoraLevel:
         if target not in self.targets:
@@ -88,12 +90,16 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_d
                                   if path and config.modules_to_save and matches(path, config.modules_to_save)]
     for path in factors.saved_module_paths:
         factors.original_modules.append(copy.deepcopy(model.get_submodule(path)).requires_grad_(False))
+    # Every 4-bit layer of the model, adapted or not, keeps a layout that trains (base_layers.py).
+    for path, module in model.named_modules():
+        previous = hold_trainable_layout(module)
+        if previous is not None:
+            factors.quantized_cpu_inference[path] = previous
     for p in model.parameters():
         p.requires_grad_(False)
     for site in sites:
         w = site.linear.weight
-
-        dtype = adapter_dtype_for(w.dtype, autocast_adapter_dtype)
+        dtype = adapter_dtype_for(compute_dtype(site.linear), autocast_adapter_dtype)
 
         def make(rank, alpha, site=site, w=w, dtype=dtype):
             return lambda: LoraLevel(*linear_features(site.linear), rank, alpha, use_rslora=config.use_rslora,

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from ..ops import reference
-from ..ops.functional import msplora_linear
-from .base_layers import is_conv1d, linear_features, require_float_weight
+from ..ops.functional import msplora_add, msplora_linear
+from .base_layers import (check_base_weight, compute_dtype, dequantized_weight, is_conv1d, linear_features,
+                          quantized_kind, requantize)
 from .config import check_init, level_scale
 
 
@@ -94,18 +95,25 @@ class MSPLoraLinear(nn.Module):
         dtype=None,
         _weight: Optional[nn.Parameter] = None,
         _bias: Optional[nn.Parameter] = None,
+        _base_layer: Optional[nn.Module] = None,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         factory = {"device": device, "dtype": dtype}
-        if _weight is None:
+        # A quantized base (bitsandbytes) is kept whole, as base_layer: its own forward gives
+        # x W^T + b from the quantized weight, which is never copied to floats.
+        self.base_layer = _base_layer
+        if _base_layer is not None:
+            _weight, _bias = None, None
+            _base_layer.requires_grad_(False)
+        elif _weight is None:
             base = nn.Linear(in_features, out_features, bias=bias, **factory)
             _weight, _bias = base.weight, base.bias
         self.weight = _weight
         self.bias = _bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
         if not (0.0 <= float(dropout) < 1.0):
             raise ValueError(f"MSPLoraLinear: dropout must be in [0, 1), got {dropout!r}")
         self.dropout = float(dropout)
@@ -116,8 +124,10 @@ class MSPLoraLinear(nn.Module):
         # model's state_dict keeps its keys and layout, and to_linear() gives the Conv1D back.
         self.fan_in_fan_out = False
         self.init_lora_weights = check_init(init_lora_weights, "MSPLoraLinear")
-        self._build_levels(ranks, lora_alpha, use_rslora, levels, self.weight.device,
-                           self.weight.dtype if dtype is None else dtype)
+        frozen = self.weight if _base_layer is None else _base_layer.weight
+        self._build_levels(ranks, lora_alpha, use_rslora, levels, frozen.device,
+                           (compute_dtype(_base_layer) if _base_layer is not None else frozen.dtype) if dtype is None
+                           else dtype)
 
     def _build_levels(self, ranks, lora_alpha, use_rslora, levels, device, dtype) -> None:
         # A passed-in level brings its own rank; `ranks` fills the entries left None.
@@ -154,10 +164,13 @@ class MSPLoraLinear(nn.Module):
         conv1d = is_conv1d(linear)
         if not (isinstance(linear, nn.Linear) or conv1d):
             raise TypeError(f"MSPLoraLinear.from_linear: expected nn.Linear or transformers Conv1D, got {type(linear).__name__}")
-        require_float_weight(linear, "MSPLoraLinear.from_linear", "linear")
-        weight = linear.weight
+        check_base_weight(linear, "MSPLoraLinear.from_linear", "linear")
         in_features, out_features = linear_features(linear)
-        kwargs.setdefault("dtype", weight.dtype)
+        kwargs.setdefault("dtype", compute_dtype(linear))
+        if quantized_kind(linear) is not None:
+            return cls(in_features, out_features, bias=linear.bias is not None, _base_layer=linear,
+                       device=linear.weight.device, **kwargs)
+        weight = linear.weight
         layer = cls(
             in_features,
             out_features,
@@ -188,6 +201,12 @@ class MSPLoraLinear(nn.Module):
         return tuple(lvl.scale for lvl in self._levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base_layer is not None:
+            y = self.base_layer(x)
+            if self.merged or self.disabled:
+                return y
+            return msplora_add(y, x, [lvl.A for lvl in self._levels], [lvl.B for lvl in self._levels],
+                               list(self.scales), dropout_p=self.dropout, training=self.training, backend=self.backend)
         if self.merged or self.disabled:
             return nn.functional.linear(x, self.base_weight, self.bias)
         return msplora_linear(
@@ -202,44 +221,63 @@ class MSPLoraLinear(nn.Module):
             backend=self.backend,
         )
 
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """The dtype of the frozen weight as the layer computes with it (a quantized one's compute dtype)."""
+        return compute_dtype(self.base_layer) if self.base_layer is not None else self.weight.dtype
+
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """The dense update sum_i s_i (A_i B_i)^T, shaped and typed like weight (not transposed
-        for a Conv1D's (in, out) weight)."""
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        """The dense update sum_i s_i (A_i B_i)^T, shaped like weight (not transposed for a Conv1D's
+        (in, out) weight) and typed like the frozen weight as the layer computes with it."""
+        acc = torch.float64 if self.frozen_dtype == torch.float64 else torch.float32
         delta = reference.delta_weight([lvl.A.to(acc) for lvl in self._levels], [lvl.B.to(acc) for lvl in self._levels],
                                        self.scales)
-        return (delta if self.fan_in_fan_out else delta.T).to(self.weight.dtype)
+        return (delta if self.fan_in_fan_out else delta.T).to(self.frozen_dtype)
+
+    def _frozen_weight(self) -> torch.Tensor:
+        return dequantized_weight(self.base_layer) if self.base_layer is not None else self.weight
 
     @torch.no_grad()
     def merge_is_finite(self, delta: Optional[torch.Tensor] = None) -> bool:
         """Whether weight + the update (delta_weight(), unless given) would hold only finite values
         (an adapter trained into NaN or inf would otherwise be folded in for good)."""
-        return bool(torch.isfinite(self.weight + (self.delta_weight() if delta is None else delta)).all())
+        return bool(torch.isfinite(self._frozen_weight() + (self.delta_weight() if delta is None else delta)).all())
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False) -> None:
-        """Fold the adapter into weight: forward becomes a plain linear. safe_merge, as in PEFT:
-        first check that the merged weight is finite, and raise (merging nothing) if not."""
+        """Fold the adapter into weight: forward becomes the base layer's alone. safe_merge, as in
+        PEFT: first check that the merged weight is finite, and raise (merging nothing) if not. A
+        quantized weight is dequantized, merged and quantized again, as PEFT does (with a warning:
+        that adds rounding)."""
         if self.merged:
             return
         delta = self.delta_weight()
         if safe_merge and not self.merge_is_finite(delta):
             raise ValueError("MSPLoraLinear.merge: the merged weight would hold NaN or inf (the adapter's update is "
                              "not finite); nothing was merged")
-        self.weight.add_(delta)
+        if self.base_layer is not None:
+            requantize(self.base_layer, self._frozen_weight() + delta.float())
+        else:
+            self.weight.add_(delta)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self.weight.sub_(self.delta_weight())
+        if self.base_layer is not None:
+            requantize(self.base_layer, self._frozen_weight() - self.delta_weight().float())
+        else:
+            self.weight.sub_(self.delta_weight())
         self.merged = False
 
     def to_linear(self) -> nn.Module:
         """The plain layer over the same weight and bias (the adapter left out): an nn.Linear
-        sharing the Parameters, or for a layer made from a Conv1D, a Conv1D again."""
+        sharing the Parameters, for a layer made from a Conv1D a Conv1D again, and for a quantized
+        base the quantized layer itself."""
+        if self.base_layer is not None:
+            return self.base_layer
         if self.fan_in_fan_out:
             from transformers.pytorch_utils import Conv1D
 
@@ -258,7 +296,8 @@ class MSPLoraLinear(nn.Module):
         shared = [i for i, lvl in enumerate(self._levels) if lvl not in self.own_levels.values()]
         alphas = tuple(f"{lvl.alpha:g}" for lvl in self._levels)
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={(self.base_layer or self).bias is not None}, "
             f"ranks={self.ranks}, alpha=({', '.join(alphas)}), dropout={self.dropout:g}, shared_levels={shared}"
             + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
             + (", merged=True" if self.merged else "")

@@ -78,6 +78,8 @@ def _unload(model: nn.Module, merge: bool, who: str, safe_merge: bool = False) -
             layer.unmerge()
         parent_path, _, attr = path.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, layer.to_linear())
+    for path, previous in factors.quantized_cpu_inference.items():
+        model.get_submodule(path).support_avx512bf16_for_cpu = previous
     delattr(model, FACTORS_ATTR)
     del model.msplora_config
     for name, p in model.named_parameters():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .base_layers import is_conv1d, require_float_weight
+from .base_layers import is_conv1d, check_base_weight
 from .config import ALL_LINEAR, MSPLoraConfig
 
 # The names of the module lists that hold a model's layers, unless the config's layers_pattern says.
@@ -85,7 +85,7 @@ def find_sites(model: nn.Module, config: MSPLoraConfig) -> list[Site]:
                          f"linear layers include {names}")
     sites = []
     for path, linear in found:
-        require_float_weight(linear, "apply_msplora", path)
+        check_base_weight(linear, "apply_msplora", path)
         position = layer_position(path, config.layers_pattern)
         if position is None:
             lists = config.layers_pattern or DEFAULT_LAYER_LISTS

@@ -77,6 +77,27 @@ def _keeps_dropped_input(backend, p, need_as) -> bool:
     return backend.keeps_dropped_input and p > 0 and any(need_as)
 
 
+def _shrink(ops, backend, x, a, p, seed, need_as):
+    """T = dropout(x) A, and dropout(x) itself where the forward keeps it for dA (else None)."""
+    if _keeps_dropped_input(backend, p, need_as):
+        x_lora = ops.dropout(x, p, seed)
+        return ops.shrink(x_lora, a, 0.0, seed), x_lora
+    return ops.shrink(x, a, p, seed), None
+
+
+
+def _factor_grads(ctx, ops, x, x_lora, dt, db, seed, row, need_as, need_bs):
+    """dA_i = s_i dropout(x)^T dT_i and dB_i, split by level into each factor's dtype."""
+    da_levels = db_levels = [None] * len(ctx.ranks)
+    if any(need_as):
+        # grad_a returns a fresh tensor, scaled in place.
+        da = ops.grad_a(x, dt, ctx.p, seed) if x_lora is None else ops.grad_a(x_lora, dt, 0.0, seed)
+        da_levels = _split(da.mul_(row), ctx.ranks, 1, ctx.a_dtypes)
+    if any(need_bs):
+        db_levels = _split(db, ctx.ranks, 0, ctx.b_dtypes)
+    return da_levels, db_levels
+
+
 class FusedMSPLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p: float, seed, backend_name: str, scales, *factors):
@@ -86,16 +107,13 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
         ops = backend.ops
         ranks = tuple(a_i.shape[1] for a_i in As)
         row = _scale_row(scales, ranks, As[0])
-        keep_dropped = _keeps_dropped_input(backend, p, ctx.needs_input_grad[7 : 7 + levels])
         x_lora = None  # dropout(x), when it is kept for dA
         with _below_autograd():
             a, b = _joined(As, Bs, row, x.dtype)
             if backend.one_pass_forward(a.shape[1]):
                 y, t = ops.shrink_expand_linear(x, weight, bias, a, b, p, seed)
             else:
-                if keep_dropped:
-                    x_lora = ops.dropout(x, p, seed)
-                t = ops.shrink(x, a, p, seed) if x_lora is None else ops.shrink(x_lora, a, 0.0, seed)
+                t, x_lora = _shrink(ops, backend, x, a, p, seed, ctx.needs_input_grad[7 : 7 + levels])
                 y = ops.expand_linear(x, weight, bias, t, b)
         # x itself is needed again only for a trained base weight's gradient.
         x_saved = x if x_lora is None or ctx.needs_input_grad[1] else None
@@ -120,14 +138,60 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
                 dt, db = ops.grad_t_b(dy, t, b)
                 if need_x:
                     dx = ops.grad_x(dy, weight, dt, a, ctx.p, seed)
-                if any(need_as):
-                    # dA_i = s_i dropout(x)^T dT_i: grad_a returns a fresh tensor, scaled in place.
-                    da = ops.grad_a(x, dt, ctx.p, seed) if x_lora is None else ops.grad_a(x_lora, dt, 0.0, seed)
-                    da_levels = _split(da.mul_(row), ctx.ranks, 1, ctx.a_dtypes)
-                if any(need_bs):
-                    db_levels = _split(db, ctx.ranks, 0, ctx.b_dtypes)
+                da_levels, db_levels = _factor_grads(ctx, ops, x, x_lora, dt, db, seed, row, need_as, need_bs)
             if need_w:
                 dw = dy.t().mm(x)
             if need_bias:
                 dbias = dy.sum(0)
         return (dx, dw, dbias, None, None, None, None, *da_levels, *db_levels)
+
+
+class FusedLoRAAddFunction(torch.autograd.Function):
+    """y + sum_i s_i (dropout(x) A_i) B_i, for a base output y that another layer computed (a
+    quantized layer's own forward, whose autograd gives the base's part of dx). T B accumulates
+    into y in place (beta = 1) where y is a tensor of its own, so the adapter costs no extra pass
+    over y; the gradient to y is dy itself."""
+
+    @staticmethod
+    def forward(ctx, y, x, p: float, seed, backend_name: str, scales, *factors):
+        levels = len(factors) // 2
+        As, Bs = factors[:levels], factors[levels:]
+        backend = BACKENDS[backend_name]
+        ops = backend.ops
+        ranks = tuple(a_i.shape[1] for a_i in As)
+        row = _scale_row(scales, ranks, As[0])
+        with _below_autograd():
+            a, b = _joined(As, Bs, row, x.dtype)
+            t, x_lora = _shrink(ops, backend, x, a, p, seed, ctx.needs_input_grad[6 : 6 + levels])
+            y2d = y.view(-1, y.shape[-1]) if y.is_contiguous() else None
+            if y2d is not None and y._base is None and not (y.is_leaf and y.requires_grad):
+                y2d.addmm_(t, b)
+                ctx.mark_dirty(y)
+                out = y
+            else:
+                out = torch.addmm(y.reshape(-1, y.shape[-1]), t, b).view(y.shape)
+        ctx.save_for_backward(x if x_lora is None else None, x_lora, a, b, t, seed, row)
+        ctx.p, ctx.backend_name, ctx.ranks = p, backend_name, ranks
+        ctx.a_dtypes, ctx.b_dtypes = [a_i.dtype for a_i in As], [b_i.dtype for b_i in Bs]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, x_lora, a, b, t, seed, row = ctx.saved_tensors
+        levels = len(ctx.ranks)
+        need_x = ctx.needs_input_grad[1]
+        need_as, need_bs = ctx.needs_input_grad[6 : 6 + levels], ctx.needs_input_grad[6 + levels :]
+        ops = BACKENDS[ctx.backend_name].ops
+        dx = None
+        da_levels = db_levels = [None] * levels
+        with _below_autograd():
+            dy2d = dy.reshape(-1, dy.shape[-1]).contiguous()
+            if need_x or any(need_as) or any(need_bs):
+                dt, db = ops.grad_t_b(dy2d, t, b)
+                if need_x:
+                    # Only the adapter's term: the base layer's autograd adds its own.
+                    lora = dt.mm(a.t())
+                    dx = ops.dropout(lora, ctx.p, seed) if ctx.p > 0 else lora
+                da_levels, db_levels = _factor_grads(ctx, ops, x, x_lora, dt, db, seed, row, need_as, need_bs)
+        return (dy, dx, None, None, None, None, *da_levels, *db_levels)

@@ -6,9 +6,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .autograd import FusedMSPLoRAFunction
+from .autograd import FusedLoRAAddFunction, FusedMSPLoRAFunction
 from .backends import resolve_backend
-from .validation import check_inputs, check_same_dtype
+from .validation import check_add_inputs, check_inputs, check_same_dtype
 
 _SEED_HIGH = 2**31 - 1
 
@@ -68,3 +68,29 @@ def msplora_linear(
         # The Function casts factors of another dtype to x's after scaling, and their gradients back.
         y = FusedMSPLoRAFunction.apply(x2d, weight, bias, p, seed, name, tuple(float(s) for s in scales), *As, *Bs)
         return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def msplora_add(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    *,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """y + sum_i scales[i] * (dropout(x) As[i]) Bs[i], where y (..., out_features) is a base layer's
+    output for x (..., in_features) computed elsewhere: a quantized layer's own forward, whose
+    autograd gives the base's share of dx. The adapter's term is added into y in place where y is
+    a tensor of its own (the gradient to y is the output's gradient). Runs in x's dtype on any
+    backend, as msplora_linear does."""
+    check_add_inputs(y, x, As, Bs, scales, dropout_p)
+    name = resolve_backend(backend, x.device, x.dtype)
+    p = float(dropout_p) if training else 0.0
+    amp = _autocast_dtype(x.device.type) is not None
+    with torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext():
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        seed = draw_seed(x.device) if p > 0 else torch.empty(0, dtype=torch.int64, device=x.device)
+        return FusedLoRAAddFunction.apply(y, x2d, p, seed, name, tuple(float(s) for s in scales), *As, *Bs)

@@ -49,6 +49,26 @@ def check_inputs(x, weight, bias, As, Bs, scales, dropout_p, same_dtype: bool = 
                 f"msplora_linear: bias has shape {_shape(bias)} but weight has shape {_shape(weight)}; "
                 f"expected ({out_features},)"
             )
+    check_levels(As, Bs, scales, in_features, out_features, f"weight {_shape(weight)}")
+    check_dropout_p(dropout_p)
+    check_devices(x, [("weight", weight)] + ([("bias", bias)] if bias is not None else []), As, Bs)
+    if same_dtype:
+        check_same_dtype(x, weight, bias)
+
+
+def check_devices(x, named, As, Bs) -> None:
+    """Every tensor on x's device."""
+    named = list(named) + [(f"As[{i}]", a) for i, a in enumerate(As)] + [(f"Bs[{i}]", b) for i, b in enumerate(Bs)]
+    for name, t in named:
+        if t.device != x.device:
+            raise ValueError(
+                f"msplora_linear: {name} is on {t.device} but x is on {x.device}; move them to one device"
+            )
+
+
+def check_levels(As, Bs, scales, in_features: int, out_features: int, base: str) -> None:
+    """Each level's A (in_features, r) and B (r, out_features), and a finite scale; `base` names
+    what fixed the features, for the messages."""
     for name, seq in (("As", As), ("Bs", Bs), ("scales", scales)):
         if not isinstance(seq, (list, tuple)):
             raise TypeError(f"msplora_linear: {name} must be a list or tuple, got {type(seq).__name__}")
@@ -64,7 +84,7 @@ def check_inputs(x, weight, bias, As, Bs, scales, dropout_p, same_dtype: bool = 
         if a.shape[0] != in_features:
             raise ValueError(
                 f"msplora_linear: As[{i}] has shape {_shape(a)} but in_features is {in_features} "
-                f"(weight {_shape(weight)}); expected ({in_features}, r)"
+                f"({base}); expected ({in_features}, r)"
             )
         if a.shape[1] < 1:
             raise ValueError(f"msplora_linear: As[{i}] has shape {_shape(a)}; rank must be >= 1")
@@ -76,20 +96,24 @@ def check_inputs(x, weight, bias, As, Bs, scales, dropout_p, same_dtype: bool = 
         if b.shape[1] != out_features:
             raise ValueError(
                 f"msplora_linear: Bs[{i}] has shape {_shape(b)} but out_features is {out_features} "
-                f"(weight {_shape(weight)}); expected ({b.shape[0]}, {out_features})"
+                f"({base}); expected ({b.shape[0]}, {out_features})"
             )
         if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(float(s)):
             raise TypeError(f"msplora_linear: scales[{i}] must be a finite float, got {s!r}")
+
+
+def check_add_inputs(y, x, As, Bs, scales, dropout_p) -> None:
+    """msplora_add's arguments: y (..., out_features) the base's output for x (..., in_features)."""
+    _check_tensor("x", x)
+    _check_tensor("y", y)
+    if x.dim() < 1 or y.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"msplora_add: y has shape {_shape(y)} but x has shape {_shape(x)}; y must be the base "
+                         "layer's output for x (the same leading dimensions)")
+    if y.dtype != x.dtype or y.device != x.device:
+        raise ValueError(f"msplora_add: y is {y.dtype} on {y.device} but x is {x.dtype} on {x.device}")
+    check_levels(As, Bs, scales, x.shape[-1], y.shape[-1], f"x {_shape(x)}, y {_shape(y)}")
     check_dropout_p(dropout_p)
-    tensors = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
-    tensors += [(f"As[{i}]", a) for i, a in enumerate(As)] + [(f"Bs[{i}]", b) for i, b in enumerate(Bs)]
-    for name, t in tensors:
-        if t.device != x.device:
-            raise ValueError(
-                f"msplora_linear: {name} is on {t.device} but x is on {x.device}; move them to one device"
-            )
-    if same_dtype:
-        check_same_dtype(x, weight, bias)
+    check_devices(x, [], As, Bs)
 
 
 def check_same_dtype(x, weight, bias) -> None:
