@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import msplora_kernels as mk
-from models import tiny_bert
+from models import tiny_bert, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -26,6 +26,11 @@ def names_the_block_needs(block: str) -> dict:
         # A tiny BERT classifier, as the Hugging Face block's `model` and `base_model`.
         given["model"] = tiny_bert()
         given["base_model"] = copy.deepcopy(given["model"])
+    if "BitsAndBytesConfig" in block:
+        # A tiny LLaMA checkpoint to load quantized (hidden 64: bitsandbytes' 4-bit block size).
+        pytest.importorskip("bitsandbytes")
+        given["path"] = str(Path.cwd() / "tiny-llama")
+        tiny_llama(hidden=64).save_pretrained(given["path"])
     if "msplora_linear(x, weight" in block:
         x, weight, bias = torch.randn(4, 10, 64), torch.randn(32, 64) / 8, torch.randn(32)
         ranks = (8, 4, 2)
