@@ -13,7 +13,7 @@ import torch
 
 import msplora_kernels as mk
 from msplora_kernels.ops.cpu_info import cpu_info
-from msplora_kernels.ops.native import cpu_adapter_gemm
+from msplora_kernels.ops.native import gemm_choices
 
 
 def device_name(device) -> str:
@@ -47,7 +47,8 @@ def metadata(device, dtype) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
-        "cpu_adapter_gemm": cpu_adapter_gemm(),  # the library of the cpp backend's rank-R products
+        # What the cpp backend measured and chose per GEMM and shape class during the run.
+        "cpu_gemm_choices": gemm_choices(),
         "settings": {name: v["value"] for name, v in mk.backend_info()["settings"].items()},
         "gemm_libraries": {name: b["gemm_library"] for name, b in mk.backend_info()["backends"].items()},
         "python": platform.python_version(),

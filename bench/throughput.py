@@ -162,7 +162,8 @@ def main(argv=None) -> int:
         meta["dtype"] = ", ".join(args.dtypes)
     print(f"\n{meta['device_name']}, {meta['dtype']}, torch {meta['torch']}, triton {meta['triton']}, "
           f"commit {str(meta['git_commit'])[:10]}, dropout {report.dropouts(records)}"
-          + (f", cpp rank-R GEMMs on {meta['cpu_adapter_gemm']}" if args.device == "cpu" else "")
+          + (f", cpp GEMMs: cpu_gemm={meta['settings']['cpu_gemm']}, {len(meta['cpu_gemm_choices'])} choices"
+             if args.device == "cpu" else "")
           + "; median of repeats, ratios of fwd+bwd time")
     print(report.table(records))
     if args.json:

@@ -1,6 +1,7 @@
 // The ops that set and read settings.h from Python: set_setting("cpu_gemm", "onednn") and so on.
 #include <torch/library.h>
 
+#include <iterator>
 #include <string>
 
 #include "settings.h"
@@ -16,8 +17,9 @@ namespace {
 
 int parse(const std::string& name, const std::string& value) {
   if (name == "cpu_gemm") {
-    if (value == "aten") return static_cast<int>(CpuGemm::kAten);
-    if (value == "onednn") return static_cast<int>(CpuGemm::kOneDnn);
+    for (int i = 0; i < static_cast<int>(std::size(kCpuGemmNames)); ++i) {
+      if (value == kCpuGemmNames[i]) return i;
+    }
   } else if (name == "cuda_skinny") {
     if (value == "auto") return static_cast<int>(CudaSkinny::kAuto);
     if (value == "kernels") return static_cast<int>(CudaSkinny::kKernels);
@@ -26,7 +28,8 @@ int parse(const std::string& name, const std::string& value) {
     TORCH_CHECK(false, "msplora: unknown setting '", name, "'; the compiled ones are cpu_gemm and cuda_skinny");
   }
   TORCH_CHECK(false, "msplora: setting ", name, " cannot be '", value,
-              "' (cpu_gemm: aten or onednn; cuda_skinny: auto, kernels or cublas)");
+              "' (cpu_gemm: auto, aten, onednn, aten:plain, aten:transposed, onednn:plain or onednn:transposed; "
+              "cuda_skinny: auto, kernels or cublas)");
 }
 
 void set_setting(std::string name, std::string value) {
@@ -35,7 +38,7 @@ void set_setting(std::string name, std::string value) {
 }
 
 std::string get_setting(std::string name) {
-  if (name == "cpu_gemm") return cpu_gemm() == CpuGemm::kOneDnn ? "onednn" : "aten";
+  if (name == "cpu_gemm") return kCpuGemmNames[static_cast<int>(cpu_gemm())];
   TORCH_CHECK(name == "cuda_skinny", "msplora: unknown setting '", name, "'");
   switch (cuda_skinny()) {
     case CudaSkinny::kKernels: return "kernels";

@@ -8,14 +8,25 @@
 
 namespace msplora {
 
-// The library of the cpp backend's fp32 rank-R products (cpu/rank_products.h).
-enum class CpuGemm : int { kAten = 0, kOneDnn = 1 };
+// Which GEMMs the cpp backend may run (cpu/gemms.h): every candidate, timed per shape class
+// (kAuto), one library's, or one fixed library and orientation.
+enum class CpuGemm : int {
+  kAuto = 0,
+  kAten,
+  kOneDnn,
+  kAtenPlain,
+  kAtenTransposed,
+  kOneDnnPlain,
+  kOneDnnTransposed
+};
+inline constexpr const char* kCpuGemmNames[] = {"auto", "aten", "onednn", "aten:plain", "aten:transposed",
+                                                "onednn:plain", "onednn:transposed"};
 // Who runs the cuda backend's rank-R products (cuda/msplora_cuda.cpp): ours up to a total
 // rank of 64 and cuBLAS beyond (kAuto), or always one of them.
 enum class CudaSkinny : int { kAuto = 0, kKernels = 1, kCublas = 2 };
 
 struct Settings {
-  std::atomic<int> cpu_gemm{static_cast<int>(CpuGemm::kAten)};
+  std::atomic<int> cpu_gemm{static_cast<int>(CpuGemm::kAuto)};
   std::atomic<int> cuda_skinny{static_cast<int>(CudaSkinny::kAuto)};
 };
 

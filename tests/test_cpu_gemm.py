@@ -1,28 +1,19 @@
-"""The cpp backend's rank-R products on oneDNN or at::mm (csrc/cpu/rank_products.h): both are
-checked against the reference and their fake kernels, and the test tells which library ran from
-the exact bits of T (the two libraries round differently)."""
+"""The cpp backend's GEMMs on ATen or oneDNN, chosen by measurement (csrc/cpu/gemms.h): every path
+the choice can take, forced through the cpu_gemm setting, against the reference and its fake
+kernels, on any CPU; and the choices themselves, per GEMM and shape class."""
 import pytest
 import torch
 
 import msplora_kernels as mk
 from helpers import check_backend_against_reference, make_problem
 from msplora_kernels.ops import settings
-from msplora_kernels.ops.native import cpu_adapter_gemm
+from msplora_kernels.ops.native import gemm_choices
 
 pytestmark = pytest.mark.skipif("cpp" not in mk.available_backends("cpu"), reason="needs the compiled cpp backend")
 HAS_ONEDNN = torch._C._dispatch_has_kernel_for_dispatch_key("mkldnn::_linear_pointwise", "CPU")
-# 256 x 512 x 14 = 1.8M multiply-adds: above the ~1M under which products stay on at::mm.
+MODES = [m for m in settings.CHOICES["cpu_gemm"] if HAS_ONEDNN or "onednn" not in m]
+# 256 x 512 x 14: sizes where either library could be the faster.
 LARGE = dict(lead=(4, 64), in_f=512, out_f=384, ranks=(8, 4, 2))
-
-
-def _shrink_libraries(x, a) -> set:
-    """The libraries whose product T equals bit for bit (at small sizes they can agree)."""
-    t = torch.ops.msplora.shrink(x, a, 0.0, torch.empty(0, dtype=torch.int64))
-    assert t.is_contiguous()  # row-major from either library: the fake kernel says so
-    found = {"aten"} if torch.equal(t, torch.mm(a.t(), x.t()).t()) else set()
-    if HAS_ONEDNN and torch.equal(t, torch.ops.mkldnn._linear_pointwise(x, a.t(), None, "none", [], None)):
-        found.add("onednn")
-    return found
 
 
 @pytest.fixture
@@ -31,40 +22,74 @@ def cpu_gemm(request):
         yield request.param
 
 
-@pytest.mark.parametrize("cpu_gemm", ["auto", "aten"], indirect=True)
+@pytest.mark.parametrize("cpu_gemm", MODES, indirect=True)
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("train_base", [False, True], ids=["frozen", "trained"])
-def test_both_libraries_match_the_reference(cpu_gemm, dropout, train_base):
+def test_every_path_matches_the_reference(cpu_gemm, dropout, train_base):
     problem = make_problem(LARGE["lead"], LARGE["in_f"], LARGE["out_f"], LARGE["ranks"], torch.float32,
                            train_base=train_base)
     check_backend_against_reference("cpp", problem, dropout_p=dropout, training=dropout > 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_other_dtypes_at_the_large_shape(dtype):
-    # oneDNN takes fp32 only here; the other dtypes stay on at::mm and must still be right.
+@pytest.mark.parametrize("cpu_gemm", MODES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_other_dtypes_on_every_path(cpu_gemm, dtype):
+    # oneDNN takes fp32 and bf16 here; fp64 and fp16 fall back to ATen under any setting.
     problem = make_problem(LARGE["lead"], LARGE["in_f"], LARGE["out_f"], LARGE["ranks"], dtype)
     check_backend_against_reference("cpp", problem, dropout_p=0.1, training=True)
 
 
-def test_the_choice_follows_the_setting_and_the_size():
-    x, a = torch.randn(256, 512), torch.randn(512, 14)
-    with settings.overridden(cpu_gemm="aten"):
-        assert cpu_adapter_gemm() == "aten" and _shrink_libraries(x, a) == {"aten"}
-        assert torch.ops.msplora.get_setting("cpu_gemm") == "aten"
-    if HAS_ONEDNN:
-        with settings.overridden(cpu_gemm="onednn"):
-            assert _shrink_libraries(x, a) == {"onednn"} and torch.ops.msplora.get_setting("cpu_gemm") == "onednn"
-    assert cpu_adapter_gemm() == ("onednn" if HAS_ONEDNN else "aten")
-    assert _shrink_libraries(x, a) == {cpu_adapter_gemm()}
-    # A small product stays on at::mm, where oneDNN's setup would cost more than it saves.
-    assert "aten" in _shrink_libraries(torch.randn(16, 64), torch.randn(64, 14))
+def _choices_for(fn):
+    torch.ops.msplora.forget_gemm_choices()
+    fn()
+    return gemm_choices()
 
 
-@pytest.mark.parametrize("cpu_gemm", ["auto", "aten"], indirect=True)
+def _layer_step(in_f=512, out_f=384, tokens=256, dtype=torch.float32):
+    layer = mk.MSPLoraLinear(in_f, out_f, ranks=(8, 4, 2), dropout=0.1, backend="cpp", dtype=dtype).train()
+    x = torch.randn(tokens, in_f, dtype=dtype, requires_grad=True)
+    return lambda: layer(x).sum().backward()
+
+
+def test_auto_measures_each_gemm_once_per_shape_class_and_says_what_it_chose():
+    step = _layer_step()
+    lines = _choices_for(step)
+    gemms = [line.split(" Float ")[0] for line in lines]
+    assert sorted(gemms) == sorted(["shrink: x A", "expand: T B", "frozen: x W^T", "grad: dT = dy B^T",
+                                    "grad: dB = T^T dy", "grad: dT A^T", "frozen: dy W", "grad: dA = x^T dT"])
+    # Every candidate was timed, and the fastest kept; a second step measures nothing new.
+    for line in lines:
+        assert " us" in line and "->" in line
+    step()
+    assert gemm_choices() == lines
+    # Another token count in the same power-of-two class reuses the choices; another class does not.
+    _layer_step(tokens=200)()
+    assert len(gemm_choices()) == len(lines)
+    _layer_step(tokens=1000)()
+    assert len(gemm_choices()) == 2 * len(lines)
+
+
+@pytest.mark.parametrize("mode,names", [("aten", {"aten:plain", "aten:transposed"}),
+                                        ("onednn:plain", {"onednn:plain"}), ("aten:transposed", None)])
+def test_a_setting_restricts_the_candidates(mode, names):
+    if "onednn" in mode and not HAS_ONEDNN:
+        pytest.skip("this torch has no oneDNN")
+    with settings.overridden(cpu_gemm=mode):
+        lines = _choices_for(_layer_step())
+    chosen = {line.split(" -> ")[1].split(" ")[0] for line in lines}
+    if names is None:  # transposed where the GEMM can take it, plain where its output must stay row-major
+        assert chosen == {"aten:transposed", "aten:plain"}
+        assert all(line.split(" -> ")[1].startswith("aten:plain") for line in lines if line.startswith(("frozen", "expand", "grad: dT A^T")))
+    else:
+        assert chosen <= names
+
+
+@pytest.mark.parametrize("cpu_gemm", ["auto", "aten:transposed", "onednn:plain"], indirect=True)
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_fake_kernels_state_the_real_strides_at_the_large_shape(cpu_gemm, p):
-    # torch.compile plans with the fake kernels' strides; they must hold for either library.
+def test_fake_kernels_state_the_real_strides(cpu_gemm, p):
+    # torch.compile plans with the fake kernels' strides; they must hold for every choice.
+    if "onednn" in cpu_gemm and not HAS_ONEDNN:
+        pytest.skip("this torch has no oneDNN")
     ops, seed = torch.ops.msplora, torch.tensor([11], dtype=torch.int64)
     x, w, bias = torch.randn(256, 512), torch.randn(384, 512), torch.randn(384)
     a, b, dy = torch.randn(512, 14), torch.randn(14, 384), torch.randn(256, 384)
@@ -87,7 +112,6 @@ def test_an_unknown_choice_is_refused(monkeypatch):
 
 
 def test_compiled_layer_matches_eager_at_the_large_shape():
-    # torch.compile at a shape where oneDNN runs the products: compiled equals eager.
     torch._dynamo.reset()
     layer = mk.MSPLoraLinear(512, 384, ranks=(8, 4, 2), dropout=0.2, backend="cpp")
     for lvl in layer.levels:

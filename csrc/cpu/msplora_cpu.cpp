@@ -1,5 +1,5 @@
-// CPU kernels of the msplora ops. The GEMMs are libraries' (rank_products.h picks one for the
-// rank-R products); what is ours is the fusion: all levels in one shrink and one expand, the base
+// CPU kernels of the msplora ops. The GEMMs are libraries' (gemms.h picks a library for each, by
+// measurement); what is ours is the fusion: all levels in one shrink and one expand, the base
 // GEMMs accumulating into the expand and the LoRA dx term (beta = 1) instead of a separate pass to
 // add them, and the dropout mask hashed from a seed, so that no mask is stored (the forward keeps
 // dropout(x) for dA: the keeps_dropped_input capability in msplora_kernels/ops/backends.py).
@@ -10,7 +10,7 @@
 
 #include "../dropout_hash.h"
 #include "../shape_checks.h"
-#include "rank_products.h"
+#include "gemms.h"
 
 namespace msplora {
 namespace {
@@ -66,29 +66,21 @@ at::Tensor dropped(const at::Tensor& x, double p, const at::Tensor& seed) {
 
 at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, double p, const at::Tensor& seed) {
   check_shrink_args(x, a, p, seed);
-  // MKL runs the wide product (R x K)(K x M) faster than the skinny (M x K)(K x R), so there T is
-  // computed as T^T; oneDNN is faster the skinny way. T is returned row-major from either (a copy
-  // of M x R values on MKL), so that its layout, which torch.compile's fake kernel must state,
-  // does not depend on which library ran.
-  return rank_product(dropped(x, p, seed), a, /*transposed_on_mkl=*/true, /*transposed_on_onednn=*/false)
-      .contiguous();
+  return product("shrink: x A", dropped(x, p, seed), a);
 }
 
 at::Tensor expand_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                              const at::Tensor& t, const at::Tensor& b) {
   check_expand_linear_args(x, weight, bias, t, b);
-  // The skinny expand (and the bias) first, then the base GEMM accumulates into it with beta=1,
-  // so the LoRA term costs no extra pass over y (measured at d=768, 4096 rows: 25.0 ms against
-  // 25.5 for base-then-expand in 1024-row chunks, and 24.7 for the base GEMM alone).
-  at::Tensor y = expand_with_bias(t, b, bias);
-  y.addmm_(x, weight.t());
-  return y;
+  // The skinny expand (and the bias) first, then the base GEMM accumulates into it, so the LoRA
+  // term costs no extra pass over y.
+  return frozen_linear_add("frozen: x W^T", x.contiguous(), weight, bias,
+                           product("expand: T B", t, b, /*transposable=*/false));
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_t_b_cpu(const at::Tensor& dy, const at::Tensor& t, const at::Tensor& b) {
   check_grad_t_b_args(dy, t, b);
-  // On MKL the wide orientation again, dT^T = b dy^T; dT row-major from either library, as T.
-  return {rank_product(dy, b.t(), true, false).contiguous(), rank_product(t.t(), dy, false, false)};
+  return {product("grad: dT = dy B^T", dy, b.t()), product("grad: dB = T^T dy", t.t(), dy)};
 }
 
 at::Tensor grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dt, const at::Tensor& a,
@@ -96,17 +88,14 @@ at::Tensor grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::
   check_grad_x_args(dy, weight, dt, a, p, seed);
   // As in the forward: the skinny term first, the big GEMM accumulating into it. Only the LoRA
   // branch saw the dropped input, so the mask applies to that term alone, before the GEMM.
-  at::Tensor dx = rank_product(dt, a.t(), false, false);
+  at::Tensor dx = product("grad: dT A^T", dt, a.t(), /*transposable=*/false);
   if (p > 0.0) apply_dropout_cpu(dx, dx, p, read_seed(p, seed));
-  dx.addmm_(dy, weight);
-  return dx;
+  return frozen_linear_add("frozen: dy W", dy.contiguous(), weight.t(), c10::nullopt, dx);
 }
 
 at::Tensor grad_a_cpu(const at::Tensor& x, const at::Tensor& dt, double p, const at::Tensor& seed) {
   check_grad_a_args(x, dt, p, seed);
-  // dA^T = dT^T x in the wide orientation (faster on both libraries), then made row-major as the
-  // op contract says (a copy of K x R values).
-  return rank_product(dropped(x, p, seed).t(), dt, true, true).contiguous();
+  return product("grad: dA = x^T dT", dropped(x, p, seed).t(), dt);
 }
 
 at::Tensor dropout_mask_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
@@ -125,6 +114,12 @@ at::Tensor dropout_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
 }
 
 }  // namespace
+
+// What gemms.h has chosen so far, one line per GEMM and shape class, and a way to choose anew.
+TORCH_LIBRARY_FRAGMENT(msplora, m) {
+  m.def("gemm_choices() -> str", &gemm_choices);
+  m.def("forget_gemm_choices() -> ()", &forget_gemm_choices);
+}
 
 TORCH_LIBRARY_IMPL(msplora, CPU, m) {
   m.impl("shrink", &shrink_cpu);

@@ -129,7 +129,8 @@ BACKENDS = {
                 None, _torch_ops, lambda device_type: []),
         Backend("cpp", "the compiled CPU op (csrc/cpu)", ("cpu",), None, _native_ops, _native_why_not("CPU", "cpu"),
                 keeps_dropped_input=True,
-                gemm_library=lambda: f"frozen GEMMs on at::addmm, fp32 rank-R products on {native.cpu_adapter_gemm()}"),
+                gemm_library=lambda: f"ATen or oneDNN per GEMM and shape class (cpu_gemm={settings.get('cpu_gemm')}); "
+                                     f"{len(native.gemm_choices())} chosen so far"),
         Backend("cuda", "the compiled CUDA op (csrc/cuda)", ("cuda",), _GPU_DTYPES, _native_ops,
                 _native_why_not("CUDA", "cuda"),
                 gemm_library=lambda: f"frozen GEMMs on cuBLAS, rank-R products: {cuda_skinny_library()}"),

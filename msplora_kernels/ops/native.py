@@ -9,7 +9,6 @@ torch.compile), their per-op derivatives, and the settings they follow.
 """
 from __future__ import annotations
 
-import platform
 import warnings
 
 import torch
@@ -72,15 +71,10 @@ def has_onednn() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("mkldnn::_linear_pointwise", "CPU")
 
 
-def cpu_adapter_gemm() -> str:
-    """The library that runs the cpp backend's fp32 rank-R products (csrc/cpu/rank_products.h):
-    'onednn' (torch's mkldnn::_linear_pointwise; products under about a million multiply-adds stay
-    on at::mm) or 'aten' (at::mm). The cpu_gemm setting: auto (oneDNN on x86-64, where it was
-    measured, if torch has it), onednn (wherever torch has it) or aten."""
-    mode = settings.get("cpu_gemm")
-    if mode == "aten" or not has_onednn():
-        return "aten"
-    return "onednn" if mode == "onednn" or platform.machine().lower() in ("x86_64", "amd64") else "aten"
+def gemm_choices() -> list[str]:
+    """The GEMM library (and orientation) the cpp backend chose for each GEMM and shape class so
+    far, with what it measured (csrc/cpu/gemms.h): one line each."""
+    return op_table().gemm_choices().splitlines() if has_kernel("CPU") else []
 
 
 def op_table():
@@ -88,9 +82,8 @@ def op_table():
 
 
 def _push_settings(values: dict) -> None:
-    # The C++ side follows resolved choices only; the rules that resolve them live here.
     ops = op_table()
-    ops.set_setting("cpu_gemm", cpu_adapter_gemm())
+    ops.set_setting("cpu_gemm", values["cpu_gemm"])
     ops.set_setting("cuda_skinny", values["cuda_skinny"])
 
 

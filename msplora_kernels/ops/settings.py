@@ -6,7 +6,9 @@ the environment per call. `msplora_kernels.backend_info()` shows every setting a
 resolved to.
 
     backend         $MSPLORA_BACKEND         the backend of calls that name none (None: the best available)
-    cpu_gemm        $MSPLORA_CPU_GEMM        the cpp backend's fp32 rank-R products: auto, onednn or aten
+    cpu_gemm        $MSPLORA_CPU_GEMM        the cpp backend's GEMM libraries: auto (timed per shape class),
+                                             aten or onednn (orientation timed), or one fixed
+                                             library:orientation (aten:plain, ..., onednn:transposed)
     cuda_skinny     $MSPLORA_CUDA_SKINNY     the cuda backend's rank-R products: auto, kernels or cublas
     triton_forward  $MSPLORA_TRITON_FORWARD  the triton backend's forward: split (two kernels) or onepass
 """
@@ -18,7 +20,7 @@ from typing import Callable
 
 CHOICES = {
     "backend": (None, "torch", "cpp", "cuda", "triton"),
-    "cpu_gemm": ("auto", "onednn", "aten"),
+    "cpu_gemm": ("auto", "aten", "onednn", "aten:plain", "aten:transposed", "onednn:plain", "onednn:transposed"),
     "cuda_skinny": ("auto", "kernels", "cublas"),
     "triton_forward": ("split", "onepass"),
 }

@@ -1,0 +1,244 @@
+// The CPU op's GEMMs, and which library runs each one, chosen by measurement.
+//
+// Two libraries can run a GEMM here: ATen's at::mm/addmm (MKL for fp32 on x86, oneDNN for bf16
+// where the CPU has AVX512-BF16) and oneDNN through mkldnn::_linear_pointwise, the op inductor
+// emits for CPU linears, on plain tensors. Which is faster depends on the CPU, the dtype and the
+// shape: on an AMD EPYC oneDNN runs fp32 GEMMs 2-2.5x faster than MKL, frozen and skinny alike
+// (bench/NOTES.md), while on other CPUs MKL may win. So with the cpu_gemm setting at "auto" (the
+// default), the first call of each shape class times every candidate (library and, for the
+// skinny products, orientation) and keeps the fastest for the rest of the process. The setting
+// can instead name one library (orientation still measured) or one fixed candidate, which is how
+// the tests reach every path on any CPU. Every choice made is listed by gemm_choices().
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../settings.h"
+
+namespace msplora {
+
+inline const std::optional<c10::OperatorHandle>& onednn_linear_op() {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  return op;
+}
+
+inline const std::optional<c10::OperatorHandle>& onednn_linear_add_op() {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", "binary"});
+  return op;
+}
+
+// x w^T (+ bias) on oneDNN. Called boxed: the op's C++ signature types differ between torch versions.
+inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  torch::jit::Stack stack;
+  stack.reserve(6);
+  stack.emplace_back(x);
+  stack.emplace_back(w);
+  stack.emplace_back(bias.has_value() && bias->defined() ? c10::IValue(*bias) : c10::IValue());
+  stack.emplace_back(std::string("none"));
+  stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+  stack.emplace_back(c10::IValue());
+  onednn_linear_op()->callBoxed(&stack);
+  return stack.back().toTensor();
+}
+
+// x w^T + bias + other in one oneDNN call (its sum post-op): the frozen GEMM accumulating the
+// adapter's term.
+inline at::Tensor onednn_linear_add(const at::Tensor& x, const at::Tensor& other, const at::Tensor& w,
+                                    const c10::optional<at::Tensor>& bias) {
+  torch::jit::Stack stack;
+  stack.reserve(5);
+  stack.emplace_back(x);
+  stack.emplace_back(other);
+  stack.emplace_back(w);
+  stack.emplace_back(bias.has_value() && bias->defined() ? c10::IValue(*bias) : c10::IValue());
+  stack.emplace_back(std::string("add"));
+  onednn_linear_add_op()->callBoxed(&stack);
+  return stack.back().toTensor();
+}
+
+// One way to compute a GEMM: a library, and for a product, whether it computes the transpose.
+struct Candidate {
+  bool onednn;
+  bool transposed;
+  const char* name() const {
+    return onednn ? (transposed ? "onednn:transposed" : "onednn:plain") : (transposed ? "aten:transposed" : "aten:plain");
+  }
+};
+
+inline bool onednn_available(at::ScalarType dtype) {
+  // oneDNN's linear takes fp32 and bf16 here; fp64 and fp16 stay on ATen.
+  return (dtype == at::kFloat || dtype == at::kBFloat16) && onednn_linear_op().has_value() &&
+         onednn_linear_add_op().has_value();
+}
+
+inline bool mode_is_onednn(CpuGemm mode) {
+  return mode == CpuGemm::kOneDnn || mode == CpuGemm::kOneDnnPlain || mode == CpuGemm::kOneDnnTransposed;
+}
+
+// Whether the cpu_gemm setting allows candidate c.
+inline bool allowed(CpuGemm mode, const Candidate& c) {
+  switch (mode) {
+    case CpuGemm::kAuto: return true;
+    case CpuGemm::kAten: return !c.onednn;
+    case CpuGemm::kOneDnn: return c.onednn;
+    case CpuGemm::kAtenPlain: return !c.onednn && !c.transposed;
+    case CpuGemm::kAtenTransposed: return !c.onednn && c.transposed;
+    case CpuGemm::kOneDnnPlain: return c.onednn && !c.transposed;
+    case CpuGemm::kOneDnnTransposed: return c.onednn && c.transposed;
+  }
+  return true;
+}
+
+// The candidates for a GEMM of this dtype that the setting allows (only plain ones where
+// `transposable` is false: an output that must stay row-major without a copy). Where the setting
+// names one this GEMM cannot take (a transposed one, or oneDNN for fp64), the plain form of the
+// library it names runs, or ATen's.
+inline std::vector<Candidate> allowed_candidates(at::ScalarType dtype, bool transposable) {
+  const CpuGemm mode = cpu_gemm();
+  std::vector<Candidate> out;
+  for (bool onednn : {false, true}) {
+    for (bool transposed : {false, true}) {
+      const Candidate c{onednn, transposed};
+      if ((!onednn || onednn_available(dtype)) && (!transposed || transposable) && allowed(mode, c)) out.push_back(c);
+    }
+  }
+  if (out.empty()) out.push_back(Candidate{mode_is_onednn(mode) && onednn_available(dtype), false});
+  return out;
+}
+
+// The shape class of a GEMM: each size rounded up to a power of two, so that a new token count
+// in the same class reuses the choice.
+inline int64_t size_class(int64_t n) {
+  int64_t c = 1;
+  while (c < n) c <<= 1;
+  return c;
+}
+
+struct ChoiceKey {
+  std::string gemm;
+  at::ScalarType dtype;
+  int mode;
+  int64_t m, k, n;
+  bool operator<(const ChoiceKey& o) const {
+    return std::tie(gemm, dtype, mode, m, k, n) < std::tie(o.gemm, o.dtype, o.mode, o.m, o.k, o.n);
+  }
+};
+
+struct Choice {
+  Candidate candidate;
+  std::string timings;  // what was measured, for gemm_choices()
+};
+
+inline std::mutex& choices_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+inline std::map<ChoiceKey, Choice>& choices() {
+  static std::map<ChoiceKey, Choice> c;
+  return c;
+}
+
+// The candidate for this GEMM: the one measured fastest (once per shape class), or the only one allowed.
+template <typename Run>
+Candidate choose(const char* gemm, at::ScalarType dtype, int64_t m, int64_t k, int64_t n, bool transposable,
+                 const Run& run) {
+  const ChoiceKey key{gemm, dtype, static_cast<int>(cpu_gemm()), size_class(m), size_class(k), size_class(n)};
+  {
+    std::lock_guard<std::mutex> lock(choices_mutex());
+    auto it = choices().find(key);
+    if (it != choices().end()) return it->second.candidate;
+  }
+  const std::vector<Candidate> candidates = allowed_candidates(dtype, transposable);
+  Candidate best = candidates.front();
+  std::ostringstream timings;
+  if (candidates.size() > 1) {
+    double best_us = -1.0;
+    for (const Candidate& c : candidates) {
+      try {
+        run(c);  // warm-up: first-call costs (oneDNN's primitive creation) are not the steady state
+      } catch (const std::exception&) {
+        timings << (timings.tellp() > 0 ? ", " : "") << c.name() << " failed";  // not for this CPU or dtype
+        continue;
+      }
+      double fastest = -1.0;
+      for (int rep = 0; rep < 3; ++rep) {
+        const auto start = std::chrono::steady_clock::now();
+        run(c);
+        const double us =
+            std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+        fastest = fastest < 0 ? us : std::min(fastest, us);
+      }
+      timings << (timings.tellp() > 0 ? ", " : "") << c.name() << " " << static_cast<int64_t>(fastest) << " us";
+      if (best_us < 0 || fastest < best_us) best_us = fastest, best = c;
+    }
+  } else {
+    timings << "the only one allowed";
+  }
+  std::lock_guard<std::mutex> lock(choices_mutex());
+  choices().emplace(key, Choice{best, timings.str()});
+  return best;
+}
+
+// One line per choice made so far: GEMM, dtype, shape class -> candidate (timings).
+inline std::string gemm_choices() {
+  std::lock_guard<std::mutex> lock(choices_mutex());
+  std::ostringstream out;
+  for (const auto& [key, choice] : choices()) {
+    out << key.gemm << " " << c10::toString(key.dtype) << " " << key.m << "x" << key.k << "x" << key.n << " -> "
+        << choice.candidate.name() << " (" << choice.timings << ")\n";
+  }
+  return out.str();
+}
+
+inline void forget_gemm_choices() {
+  std::lock_guard<std::mutex> lock(choices_mutex());
+  choices().clear();
+}
+
+// a @ b with candidate c; the result is row-major unless c is transposed (then column-major).
+inline at::Tensor product_with(const Candidate& c, const at::Tensor& a, const at::Tensor& b) {
+  if (c.onednn) {
+    return c.transposed ? onednn_linear(b.t(), a, c10::nullopt).t() : onednn_linear(a, b.t(), c10::nullopt);
+  }
+  return c.transposed ? at::mm(b.t(), a.t()).t() : at::mm(a, b);
+}
+
+// A rank-R product a @ b of the adapter, row-major. `transposable` lets a transposed candidate run
+// (its column-major result is then copied, which pays only for a skinny output).
+inline at::Tensor product(const char* gemm, const at::Tensor& a, const at::Tensor& b, bool transposable = true) {
+  if (a.numel() == 0 || b.numel() == 0) return at::mm(a, b);
+  const Candidate c = choose(gemm, a.scalar_type(), a.size(0), a.size(1), b.size(1), transposable,
+                             [&](const Candidate& cand) { product_with(cand, a, b); });
+  return product_with(c, a, b).contiguous();
+}
+
+// x w^T + bias + other, the frozen GEMM accumulating `other` (row-major, consumed): ATen's addmm_
+// into other, or oneDNN's linear with its sum post-op. w is (out, in), any strides.
+inline at::Tensor frozen_linear_add(const char* gemm, const at::Tensor& x, const at::Tensor& w,
+                                    const c10::optional<at::Tensor>& bias, at::Tensor other) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (x.numel() == 0 || w.numel() == 0) return (has_bias ? other.add_(*bias) : other).addmm_(x, w.t());
+  const Candidate c = choose(gemm, x.scalar_type(), x.size(0), x.size(1), w.size(0), /*transposable=*/false,
+                             [&](const Candidate& cand) {
+                               if (cand.onednn) onednn_linear(x, w, c10::nullopt);
+                               else at::mm(x, w.t());
+                             });
+  if (c.onednn) return onednn_linear_add(x, other, w, bias);
+  return (has_bias ? other.add_(*bias) : other).addmm_(x, w.t());
+}
+
+}  // namespace msplora
