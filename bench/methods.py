@@ -34,7 +34,7 @@ CASES = {
     "tiny": Case("tiny", 64, 48, (8, 4, 2), 8, 256, 64, 32),
 }
 DEFAULT_CASES = ("roberta-base", "llama2-7b")
-METHODS = ("linear", "peft_lora", "msplora_naive", "msplora")
+METHODS = ("linear", "linear_onednn", "peft_lora", "msplora_naive", "msplora")
 
 
 class NaiveMSPLoRA(nn.Module):
@@ -64,6 +64,35 @@ class _Wrap(nn.Module):
         return self.proj(x)
 
 
+class _OneDnnLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], None)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (weight,) = ctx.saved_tensors
+        return torch.ops.mkldnn._linear_pointwise(dy, weight.t(), None, "none", [], None), None, None
+
+
+class OneDnnLinear(nn.Module):
+    """The frozen linear with both its GEMMs (y and dx) on oneDNN, the library the cpp backend may
+    choose for them: the floor the fused op is held to where oneDNN is the faster library."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+
+    def forward(self, x):
+        return _OneDnnLinearFunction.apply(x, self.base.weight, self.base.bias)
+
+
+def onednn_available(device) -> bool:
+    return torch.device(device).type == "cpu" and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "mkldnn::_linear_pointwise", "CPU")
+
+
 def peft_lora(base: nn.Linear, rank: int, dropout: float) -> nn.Module:
     import peft
 
@@ -84,6 +113,8 @@ def build(method: str, backend: str | None, case: Case, device, dtype, dropout: 
     base = nn.Linear(case.in_features, case.out_features, device=device, dtype=dtype).requires_grad_(False)
     if method == "linear":
         layer = base
+    elif method == "linear_onednn":
+        layer = OneDnnLinear(base)
     elif method == "peft_lora":
         layer = peft_lora(base, case.lora_rank, dropout)
     elif method == "msplora_naive":
@@ -104,6 +135,8 @@ def method_runs(methods, device) -> list[tuple[str, str | None]]:
         if m == "msplora":
             runs += [("msplora", b) for b in mk.available_backends(device)
                      if not (b == "triton" and torch.device(device).type == "cpu")]
+        elif m == "linear_onednn":
+            runs += [(m, None)] if onednn_available(device) else []
         else:
             runs.append((m, None))
     return runs

@@ -89,7 +89,7 @@ def add_ratios(records: list[dict]) -> None:
     stored as vs_linear), to `peft_lora` and to `msplora_naive` of the same case."""
     ref = {}
     for r in records:
-        if r["method"] in ("linear", "peft_lora", "msplora_naive", "no_adapter"):
+        if r["method"] in ("linear", "linear_onednn", "peft_lora", "msplora_naive", "no_adapter"):
             ref[(group(r), r["method"])] = r["fwd_bwd_ms"]
 
     def ratio(r, *methods):
@@ -98,6 +98,9 @@ def add_ratios(records: list[dict]) -> None:
 
     for r in records:
         r["vs_linear"] = ratio(r, "linear", "no_adapter")
+        # The faster of the two frozen linears, where oneDNN's was timed too.
+        fastest = min([ref[(group(r), m)] for m in ("linear", "linear_onednn") if (group(r), m) in ref], default=None)
+        r["vs_fastest_linear"] = r["fwd_bwd_ms"] / fastest if fastest and (group(r), "linear_onednn") in ref else None
         r["vs_peft_lora"] = ratio(r, "peft_lora")
         r["vs_naive"] = ratio(r, "msplora_naive")
         r["flop_floor_vs_linear"] = flop_floor(r)
@@ -126,6 +129,7 @@ def table(records: list[dict]) -> str:
         ("fwd+bwd ms", lambda r: _fmt(r["fwd_bwd_ms"], ".2f")),
         ("q20-q80", lambda r: f"{r['fwd_bwd_q20_ms']:.2f}-{r['fwd_bwd_q80_ms']:.2f}"),
         (floor, lambda r: _fmt(r["vs_linear"], ".3f")),
+        ("x fastest linear", lambda r: _fmt(r.get("vs_fastest_linear"), ".3f")),
         ("floor", lambda r: _fmt(r.get("flop_floor_vs_linear"), ".3f")),
         ("x peft_lora", lambda r: _fmt(r["vs_peft_lora"], ".3f")),
         ("x naive", lambda r: _fmt(r["vs_naive"], ".3f")),
@@ -133,7 +137,8 @@ def table(records: list[dict]) -> str:
         ("peak MB", lambda r: _fmt(r["peak_mem_mb"], ".1f")),
         ("weights MB", lambda r: _fmt(r.get("weights_mb"), ".1f")),
     ]
-    for name, key in (("x naive", "vs_naive"), ("floor", "flop_floor_vs_linear"), ("weights MB", "weights_mb")):
+    for name, key in (("x naive", "vs_naive"), ("floor", "flop_floor_vs_linear"), ("weights MB", "weights_mb"),
+                      ("x fastest linear", "vs_fastest_linear")):
         if all(r.get(key) is None for r in records):
             cols = [c for c in cols if c[0] != name]
     rows = [[name for name, _ in cols]] + [[f(r) for _, f in cols] for r in records]
