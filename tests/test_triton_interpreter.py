@@ -135,3 +135,16 @@ def test_one_pass_forward_op_differentiates_on_its_own():
     want = torch.autograd.grad((y_ref * g_y).sum() + (t_ref * g_t).sum(), ref)
     for name, g, h in zip(("x", "weight", "bias", "a", "b"), got, want):
         torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_autotuning_is_keyed_by_a_token_bucket_not_every_token_count():
+    # A new batch shape in the same power-of-two bucket reuses the tuned choice instead of retuning.
+    from msplora_kernels.triton_kernels import launchers
+
+    tuner = launchers._EXPAND_LINEAR[True]
+    tuner.cache.clear()
+    w, bias, b = torch.randn(24, 40), torch.randn(24), torch.randn(6, 24)
+    for m in (100, 120, 128, 129):
+        launchers.expand_linear(torch.randn(m, 40), w, bias, torch.randn(m, 6), b)
+    assert launchers.m_bucket(100) == launchers.m_bucket(128) == 128 and launchers.m_bucket(129) == 256
+    assert len(tuner.cache) == 2

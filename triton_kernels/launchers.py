@@ -16,9 +16,16 @@ from .configs import ONE_PASS_MAX_RANK, gemm_configs, rank_block, skinny_tiles
 
 
 def _autotuned(kernel) -> dict:
-    """{inputs are fp32: autotuned kernel}: fp32 needs smaller tiles than bf16/fp16 (configs.py)."""
+    """{inputs are fp32: autotuned kernel}: fp32 needs smaller tiles than bf16/fp16 (configs.py).
+    Tuned once per power-of-two bucket of the token count (M_BUCKET), not per M: a new batch
+    shape in the same bucket reuses the choice."""
     return {fp32: triton.autotune(gemm_configs(torch.float32 if fp32 else torch.bfloat16),
-                                  key=["M", "N", "K", "R"])(kernel) for fp32 in (False, True)}
+                                  key=["M_BUCKET", "N", "K", "R"])(kernel) for fp32 in (False, True)}
+
+
+def m_bucket(m: int) -> int:
+    """The power of two at or above m (at least 16), the autotune key's token count."""
+    return max(16, triton.next_power_of_2(m))
 
 
 _EXPAND_LINEAR = _autotuned(kernels.expand_linear_kernel)
@@ -67,7 +74,7 @@ def expand_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return y
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     wrap_triton(_EXPAND_LINEAR[x.dtype == torch.float32])[grid](
-        x, weight, bias if bias is not None else x, t, b, y, M, N, K, R,
+        x, weight, bias if bias is not None else x, t, b, y, M, N, K, R, m_bucket(M),
         *x.stride(), *weight.stride(), *t.stride(), *b.stride(), *y.stride(),
         HAS_BIAS=bias is not None, BLOCK_R=rank_block(R, x.dtype), DOT_PRECISION=_dot_precision(),
     )
@@ -87,7 +94,7 @@ def shrink_expand_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return y, t
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     wrap_triton(_SHRINK_EXPAND_LINEAR[x.dtype == torch.float32])[grid](
-        x, weight, bias if bias is not None else x, a, b, y, t, _seed_arg(p, seed, x), M, N, K, R,
+        x, weight, bias if bias is not None else x, a, b, y, t, _seed_arg(p, seed, x), M, N, K, R, m_bucket(M),
         *x.stride(), *weight.stride(), *a.stride(), *b.stride(), *y.stride(), *t.stride(), p, _keep_scale(p),
         HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, BLOCK_R=rank_block(R, x.dtype),
         DOT_PRECISION=_dot_precision(),
@@ -122,7 +129,7 @@ def grad_x(dy: torch.Tensor, weight: torch.Tensor, dt: torch.Tensor, a: torch.Te
     # The output tile is (BLOCK_M, BLOCK_K); the autotuned BLOCK_N is the reduction step.
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     wrap_triton(_GRAD_X[dy.dtype == torch.float32])[grid](
-        dy, weight, dt, a, dx, _seed_arg(p, seed, dy), M, N, K, R,
+        dy, weight, dt, a, dx, _seed_arg(p, seed, dy), M, N, K, R, m_bucket(M),
         *dy.stride(), *weight.stride(), *dt.stride(), *a.stride(), *dx.stride(), p, _keep_scale(p),
         HAS_DROPOUT=p > 0, BLOCK_R=rank_block(R, dy.dtype), DOT_PRECISION=_dot_precision(),
     )
