@@ -137,14 +137,25 @@ def test_one_pass_forward_op_differentiates_on_its_own():
         torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_autotuning_is_keyed_by_a_token_bucket_not_every_token_count():
-    # A new batch shape in the same power-of-two bucket reuses the tuned choice instead of retuning.
+def test_autotuning_is_keyed_by_a_token_bucket_not_every_token_count(monkeypatch):
+    # A new batch shape in the same power-of-two bucket gives the autotuner the same key, so it
+    # reuses its choice instead of timing every configuration again.
     from msplora_kernels.triton_kernels import launchers
 
     tuner = launchers._EXPAND_LINEAR[True]
-    tuner.cache.clear()
+    names = tuner.fn.arg_names
+    assert tuner.keys == ["M_BUCKET", "N", "K", "R"]
+    keys = []
+
+    class Recorder:  # stands in for wrap_triton: records the key the autotuner would see
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: keys.append(tuple(args[names.index(k)] for k in tuner.keys))
+
+    monkeypatch.setattr(launchers, "wrap_triton", Recorder)
     w, bias, b = torch.randn(24, 40), torch.randn(24), torch.randn(6, 24)
     for m in (100, 120, 128, 129):
         launchers.expand_linear(torch.randn(m, 40), w, bias, torch.randn(m, 6), b)
-    assert launchers.m_bucket(100) == launchers.m_bucket(128) == 128 and launchers.m_bucket(129) == 256
-    assert len(tuner.cache) == 2
+    assert keys[0] == keys[1] == keys[2] == (128, 24, 40, 6) and keys[3] == (256, 24, 40, 6)
