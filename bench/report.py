@@ -13,6 +13,7 @@ import torch
 
 import msplora_kernels as mk
 from msplora_kernels.ops.cpu_info import cpu_info
+from msplora_kernels.ops.backends import triton_gemm_choices
 from msplora_kernels.ops.native import gemm_choices
 
 
@@ -49,6 +50,8 @@ def metadata(device, dtype) -> dict:
         "cuda": torch.version.cuda,
         # What the cpp backend measured and chose per GEMM and shape class during the run.
         "cpu_gemm_choices": gemm_choices(),
+        # What the triton backend timed and chose per frozen GEMM and shape bucket (auto mode).
+        "triton_gemm_choices": triton_gemm_choices(),
         "settings": {name: v["value"] for name, v in mk.backend_info()["settings"].items()},
         "gemm_libraries": {name: b["gemm_library"] for name, b in mk.backend_info()["backends"].items()},
         "python": platform.python_version(),

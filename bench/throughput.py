@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--targets", choices=["qv", "all-linear"], default="qv", help="adapted modules for --model")
     p.add_argument("--quantize", choices=["nf4", "int8"], default=None,
                    help="with --model: also the step on a bitsandbytes-quantized base (QLoRA against MSPLoRA)")
+    p.add_argument("--predict", action="store_true",
+                   help="print the cost model's predictions (bench/cost_model.py) for the cases: for H100, H200 "
+                        "and A100 without a GPU; on a GPU, from its measured ceilings, beside the measurement")
     p.add_argument("--json", type=Path, default=None, help="write records and metadata here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart here")
     args = p.parse_args(argv)
@@ -147,9 +150,25 @@ def layer_records(args) -> list[dict]:
     return records
 
 
+def predictions(args) -> list[dict]:
+    """The cost model's fwd+bwd ratios over the frozen linear, for every case and dropout of the run."""
+    import cost_model
+
+    devices = [cost_model.measured_device()] if args.device == "cuda" else list(cost_model.DEVICES.values())
+    dropouts = args.dropouts if args.sweep else [args.dropout]
+    return [cost_model.predict(methods.CASES[name], methods.CASES[name].gpu_tokens,
+                               methods.CASES[name].dropout if p is None else p, path, dev)
+            for dev in devices for name in args.cases for p in dropouts for path in ("fused", "cublas")]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(0)
+    if args.predict and args.device != "cuda":
+        import cost_model
+
+        print(cost_model.table(predictions(args)))
+        return 0
     if args.model:
         import model_step
 
@@ -166,6 +185,11 @@ def main(argv=None) -> int:
              if args.device == "cpu" else "")
           + "; median of repeats, ratios of fwd+bwd time")
     print(report.table(records))
+    if args.predict:  # on a GPU: the prediction beside what was just measured
+        import cost_model
+
+        meta["predictions"] = predictions(args)
+        print(cost_model.table(meta["predictions"]))
     if args.json:
         report.write_json(args.json, meta, records)
         print(f"wrote {args.json}")

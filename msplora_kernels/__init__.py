@@ -17,7 +17,7 @@ from .models.layer import LoraLevel, MSPLoraLinear
 from .models.merging import disable_adapters, merge_adapter, merge_and_unload, unload, unmerge_adapter
 from .models.peft_export import export_peft
 from .ops import native  # noqa: F401  (loads the compiled ops)
-from .ops.backends import available_backends, backend_info
+from .ops.backends import available_backends, backend_info, triton_gemm_choices
 from .ops.functional import msplora_linear
 from .ops.reference import msplora_linear_reference
 from .ops.settings import configure
@@ -65,6 +65,7 @@ __all__ = [
     "push_to_hub",
     "save_adapter",
     "summary",
+    "triton_gemm_choices",
     "unload",
     "unmerge_adapter",
 ]

@@ -21,7 +21,8 @@ def test_wheel_layout(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"msplora_kernels"}, tops
-    for module in ("__init__", "kernels", "launchers", "configs", "compile_check"):
+    for module in ("__init__", "kernels", "launchers", "configs", "tile_table", "gemm_paths", "compile_check",
+                   "tune_tiles"):
         assert f"msplora_kernels/triton_kernels/{module}.py" in names
     for module in ("models/layer", "models/inject", "ops/contract", "ops/backends", "ops/reference"):
         assert f"msplora_kernels/{module}.py" in names

@@ -1,17 +1,23 @@
-"""Compile the Triton kernels for a GPU without one: every launch configuration the launchers can
-pick, for each dtype, down to a cubin, with the shared memory each needs.
+"""Compile every Triton launch the launchers make, as a real launch compiles it, without a GPU.
 
-    python -m msplora_kernels.triton_kernels.compile_check            # sm_90 (H100/H200), all dtypes
-    python -m msplora_kernels.triton_kernels.compile_check --dtypes bf16 --json out.json
+    python -m msplora_kernels.triton_kernels.compile_check                  # sm_90 and sm_80, all dtypes
+    python -m msplora_kernels.triton_kernels.compile_check --arch 90 --dtypes bf16 --json out.json
 
-A configuration that needs more shared memory than the chip has would fail at launch; the autotuned
-GEMMs may skip some, but every kernel and dtype must keep at least one that fits. The exit status
-is 1 when one does not, or when a configuration fails to compile. Run it without
-TRITON_INTERPRET=1 (the interpreter replaces the kernels by Python functions).
+The launchers run in a recording mode: each `wrap_triton(kernel)[grid](*args, **kwargs)` they
+would launch is captured with its real arguments (CPU tensors of real shapes), once per
+configuration the autotuner may pick. Each capture is specialized by Triton's own JIT binder, the
+code a launch runs (create_function_from_signature and JITFunction._pack_args): a stride of 1
+becomes a constant, and pointers, sizes and strides divisible by 16 get that hint, which turns loads
+into cp.async pipelines. The result is compiled for the target, and each record holds its shared
+memory, registers and spills (ptxas -v), the tensor-core instructions in its code (wgmma on sm_90,
+mma on sm_80) and its memory fences. The exit status is 1 when a configuration the launchers may
+pick does not fit, spills, fails to compile, or (on sm_90) lowers a tensor-core dot without them.
+Run it without TRITON_INTERPRET=1 (the interpreter replaces the kernels by Python functions).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -20,75 +26,123 @@ import sys
 import tempfile
 import time
 
-# Shared memory one block may use (opt-in maximum), by compute capability.
-SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+from .configs import SHARED_LIMIT
+
 DTYPES = ("bf16", "fp16", "fp32")
-# Pointer arguments that are fp32 accumulators whatever the inputs' dtype.
-FP32_POINTERS = {"db_ptr", "da_ptr"}
+# (label, tokens, in_features, out_features, ranks): the bench's default GPU cases (roberta-base's
+# token count made ragged, as packed batches are), and sizes that divide by no power of two above
+# 1, which turn every divisibility hint off, at both rank classes. Together they cover every key
+# of the tile table (configs.py).
+SHAPES = (("roberta-base", 8190, 768, 768, (8, 4, 2)), ("llama2-7b", 8192, 4096, 4096, (64, 32, 16)),
+          ("odd", 777, 1001, 333, (7, 5, 3, 1)), ("odd-large-rank", 777, 1001, 333, (64, 32, 16)))
 
 
-def _signature(fn, dtype: str, constexprs: dict) -> dict:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name == "seed_ptr":
-            sig[name] = "*i64"
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name in FP32_POINTERS else f"*{dtype}"
-        elif name in ("p", "keep_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"  # sizes and strides; the launchers pass Python ints
-    return sig
+@contextlib.contextmanager
+def recording(arch: int):
+    """Within the block the launchers record their launches in the yielded list, launching nothing,
+    and pick their tiles for `arch`."""
+    from . import launchers
 
+    calls = []
 
-def launch_variants(dtype: str):
-    """(kernel name, fn, constexprs, num_warps, num_stages, group) of every configuration to check.
-    group names the set of which at least one must fit: a kernel's autotune space, or one fixed config."""
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
+
+    def cublas(name):
+        # The cuBLAS path's GEMMs: recorded as ("cublas.<name>", args, {}), not computed.
+        def gemm(*args):
+            calls.append((f"cublas.{name}", args, {}))
+            return args[0] if name == "addmm_" else torch.empty(args[-2].shape[0], args[-1].shape[1],
+                                                                 dtype=args[-1].dtype)
+        return gemm
+
     import torch
 
-    from . import configs, kernels
-
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    precisions = ["ieee", "tf32"] if dtype == "fp32" else ["ieee"]
-    block_m, block_wide, warps, stages = configs.skinny_tiles(torch_dtype)
-    # R = 14 (8/4/2) and R = 112 (64/32/16), the paper's pyramids, give the two rank blocks.
-    rank_blocks = sorted({configs.rank_block(14, torch_dtype), configs.rank_block(112, torch_dtype)})
-    out = []
-    for prec in precisions:
-        for cfg in configs.gemm_configs(torch_dtype):
-            kw = cfg.kwargs
-            for name, fn, flags in (("expand_linear", kernels.expand_linear_kernel, {"HAS_BIAS": True}),
-                                    ("grad_x", kernels.grad_x_kernel, {"HAS_DROPOUT": True})):
-                for block_r in rank_blocks:
-                    const = {**flags, **kw, "BLOCK_R": block_r, "DOT_PRECISION": prec}
-                    out.append((name, fn, const, cfg.num_warps, cfg.num_stages, f"{name}/{prec}/R{block_r}"))
-            # The one-pass forward at its largest rank block, the one that needs the most memory.
-            const = {"HAS_BIAS": True, "HAS_DROPOUT": True, **kw, "BLOCK_R": configs.ONE_PASS_MAX_RANK,
-                     "DOT_PRECISION": prec}
-            out.append(("shrink_expand_linear", kernels.shrink_expand_linear_kernel, const, cfg.num_warps,
-                        cfg.num_stages, f"shrink_expand_linear/{prec}/R{configs.ONE_PASS_MAX_RANK}"))
-        for block_r in rank_blocks:
-            for dropout in (False, True):
-                for name, fn in (("shrink", kernels.shrink_kernel), ("grad_a", kernels.grad_a_kernel)):
-                    const = {"HAS_DROPOUT": dropout, "BLOCK_M": block_m, "BLOCK_K": block_wide, "BLOCK_R": block_r,
-                             "DOT_PRECISION": prec}
-                    out.append((name, fn, const, warps, stages, f"{name}/{prec}/R{block_r}/p{int(dropout)}"))
-            const = {"BLOCK_M": block_m, "BLOCK_N": block_wide, "BLOCK_R": block_r, "DOT_PRECISION": prec}
-            out.append(("grad_t_b", kernels.grad_t_b_kernel, const, warps, stages, f"grad_t_b/{prec}/R{block_r}"))
-    out.append(("dropout_mask", kernels.dropout_mask_kernel, {"BLOCK_M": 32, "BLOCK_K": 32}, 4, 1, "dropout_mask"))
-    return out
+    names = ("wrap_triton", "target_arch", "frozen_mm", "frozen_addmm", "accumulate_mm")
+    original = {n: getattr(launchers, n) for n in names}
+    stand_ins = (Recorder, lambda device: arch, cublas("mm"), cublas("addmm"), cublas("addmm_"))
+    for n, stand_in in zip(names, stand_ins):
+        setattr(launchers, n, stand_in)
+    try:
+        yield calls
+    finally:
+        for n, fn in original.items():
+            setattr(launchers, n, fn)
 
 
-def compile_one(fn, dtype, const, warps, stages, arch):
-    import triton
+@contextlib.contextmanager
+def gemm_path(path: str):
+    """Within the block the launchers take this frozen-GEMM path (gemm_paths.py)."""
+    from . import gemm_paths
+
+    previous, gemm_paths.MODE = gemm_paths.MODE, path
+    try:
+        yield
+    finally:
+        gemm_paths.MODE = previous
+
+
+def recorded_launches(dtype: str, shape, arch: int, tf32: bool = False) -> list:
+    """(kernel, args, kwargs) of every launch of one layer's forward and backward at `shape`, with
+    dropout and without; kernel may be an autotuner."""
+    import torch
+
+    from . import launchers
+
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    _, m, k, n, ranks = shape
+    r = sum(ranks)
+    g = {"dtype": tdtype}
+    x, w, bias = torch.empty(m, k, **g), torch.empty(n, k, **g), torch.empty(n, **g)
+    a, b, t = torch.empty(k, r, **g), torch.empty(r, n, **g), torch.empty(m, r, **g)
+    dy, dt = torch.empty(m, n, **g), torch.empty(m, r, **g)
+    seed = torch.zeros(1, dtype=torch.int64)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        with recording(arch) as calls:
+            for p in (0.0, 0.1):
+                launchers.shrink(x, a, p, seed)
+                for path in ("fused", "cublas"):
+                    with gemm_path(path):
+                        launchers.grad_x(dy, w, dt, a, p, seed)
+                launchers.grad_a(x, dt, p, seed)
+                if r <= launchers.ONE_PASS_MAX_RANK:
+                    launchers.shrink_expand_linear(x, w, bias, a, b, p, seed)
+            for path in ("fused", "cublas"):
+                with gemm_path(path):
+                    launchers.expand_linear(x, w, bias, t, b)
+            launchers.grad_t_b(dy, t, b)
+            launchers.dropout_mask(x, 0.1, seed)
+            launchers.dropout(x, 0.1, seed)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return calls
+
+
+def specialized(fn, args, kwargs, arch: int):
+    """What a launch of `fn` with these arguments compiles: Triton's own binder and packing."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    src = ASTSource(fn=fn, signature=_signature(fn, dtype, const),
-                    constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def configurations(kernel, kwargs):
+    """(fn, kwargs) for each configuration the launch may run: every one an autotuner may pick."""
+    configs = getattr(kernel, "configs", None)
+    if configs is None:
+        return [(kernel, kwargs)]
+    return [(kernel.fn, {**kwargs, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}) for c in configs]
 
 
 def _ptxas() -> str | None:
@@ -121,60 +175,137 @@ def register_report(ptx: str, arch: int) -> dict:
     return {"registers": int(regs.group(1)), "spill_store_bytes": int(spills.group(1)) if spills else 0}
 
 
-def run(dtypes, arch: int, progress=True, registers=False) -> tuple[list[dict], list[str]]:
-    """Compile every variant; returns the records and the problems found."""
+def instruction_counts(ptx: str) -> dict:
+    """Tensor-core instructions (wgmma, mma) and memory fences (membar, fence) in the PTX."""
+    return {"wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)), "mma": len(re.findall(r"\bmma\.sync", ptx)),
+            "fences": len(re.findall(r"\b(membar|fence)\.", ptx))}
+
+
+def uses_dot(fn) -> bool:
+    return "tl.dot(" in fn.src
+
+
+def expects_tensor_cores(constexprs: dict, signature: dict) -> bool:
+    """A dot in fp16/bf16, or fp32 under TF32, should run on tensor cores; IEEE fp32 cannot."""
+    dtypes = {v for v in signature.values() if isinstance(v, str) and v.startswith("*")}
+    return not ({"*fp32"} >= dtypes - {"*i64"} and "ieee" in constexprs.values())
+
+
+def compile_record(fn, args, kwargs, arch: int, registers: bool) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs, options = specialized(fn, args, kwargs, arch)
+    src = ASTSource(fn, signature, constexprs, attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+    ptx = compiled.asm["ptx"]
+    named = dict(zip(fn.arg_names, range(len(fn.arg_names))))
+    rec = {
+        "shared_bytes": compiled.metadata.shared,
+        # Arguments the launch turned into constants (a stride of 1), beside the declared constexprs.
+        "constant_args": sorted(n for n, i in named.items() if (i,) in constexprs and not fn.params[i].is_constexpr),
+        "divisible_by_16": sorted(n for n, i in named.items() if ["tt.divisibility", 16] in attrs.get((i,), [])),
+        **instruction_counts(ptx),
+        "tensor_cores_expected": uses_dot(fn) and expects_tensor_cores(constexprs, signature),
+    }
+    if registers:
+        rec.update(register_report(ptx, arch))
+    return rec
+
+
+def _key(fn, args, kwargs, arch):
+    signature, constexprs, attrs, options = specialized(fn, args, kwargs, arch)
+    return fn.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())), repr(sorted(attrs.items())), \
+        repr(sorted(options.__dict__.items()))
+
+
+def launch_plan(dtypes, arch: int) -> list[tuple]:
+    """(dtype, shape label, fn, args, kwargs) of every distinct compile the launchers ask for."""
+    plan, seen = [], set()
+    for dtype in dtypes:
+        for shape in SHAPES:
+            for tf32 in ([False, True] if dtype == "fp32" else [False]):
+                for kernel, args, kwargs in recorded_launches(dtype, shape, arch, tf32):
+                    if isinstance(kernel, str):  # a cuBLAS call of the cuBLAS path: nothing of ours
+                        continue
+                    for fn, kw in configurations(kernel, kwargs):
+                        key = _key(fn, args, kw, arch)
+                        if key not in seen:
+                            seen.add(key)
+                            plan.append((dtype, shape[0], fn, args, kw))
+    return plan
+
+
+def run(dtypes, arch: int, progress=True, registers=True) -> tuple[list[dict], list[str]]:
+    """Compile every distinct launch; returns the records and the problems found."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_check: unset TRITON_INTERPRET; the interpreter does not compile kernels")
     from tqdm import tqdm
 
-    limit = SHARED_LIMIT.get(arch, 99 * 1024)
-    jobs = [(dtype, *v) for dtype in dtypes for v in launch_variants(dtype)]
-    records, problems, fits = [], [], {}
-    for dtype, name, fn, const, warps, stages, group in tqdm(jobs, desc=f"compile sm_{arch}", unit="kernel",
-                                                           disable=not progress, file=sys.stderr):
-        rec = {"kernel": name, "dtype": dtype, "group": group, "num_warps": warps, "num_stages": stages,
-               **{k: v for k, v in const.items()}}
+    limit = SHARED_LIMIT.get(arch, 99 * 1024)  # from configs
+    records, problems = [], []
+    plan = launch_plan(dtypes, arch)
+    for dtype, shape, fn, args, kw in tqdm(plan, desc=f"compile sm_{arch}", unit="launch", disable=not progress,
+                                           file=sys.stderr):
+        config = {k: v for k, v in kw.items() if k.startswith("BLOCK") or k in ("GROUP_M", "num_warps", "num_stages",
+                                                                                  "HAS_DROPOUT", "DOT_PRECISION", "ACCUMULATE")}
+        rec = {"kernel": fn.__name__.replace("_kernel", ""), "dtype": dtype, "shape": shape, "arch": arch, **config}
         t0 = time.perf_counter()
         try:
-            compiled = compile_one(fn, dtype, const, warps, stages, arch)
-            rec.update(shared_bytes=compiled.metadata.shared, fits=compiled.metadata.shared <= limit)
-            if registers:
-                rec.update(register_report(compiled.asm["ptx"], arch))
+            rec.update(compile_record(fn, args, kw, arch, registers))
+            rec["fits"] = rec["shared_bytes"] <= limit
         except Exception as exc:  # a kernel that does not compile is the finding
             rec.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", fits=False)
-            problems.append(f"{dtype} {group} {const}: does not compile: {rec['error']}")
         rec["compile_s"] = round(time.perf_counter() - t0, 2)
         records.append(rec)
-        fits.setdefault((dtype, group), []).append(rec["fits"])
-    for (dtype, group), oks in fits.items():
-        if not any(oks):
-            problems.append(f"{dtype} {group}: no configuration fits in {limit} bytes of shared memory on sm_{arch}")
+        problems += record_problems(rec, limit)
     return records, problems
+
+
+def record_problems(rec: dict, limit: int) -> list[str]:
+    where = f"sm_{rec['arch']} {rec['dtype']} {rec['shape']} {rec['kernel']} " + \
+        " ".join(f"{k}={v}" for k, v in rec.items() if k.startswith("BLOCK") or k in ("num_warps", "num_stages"))
+    if "error" in rec:
+        return [f"{where}: does not compile: {rec['error']}"]
+    out = []
+    if not rec["fits"]:
+        out.append(f"{where}: needs {rec['shared_bytes']} bytes of shared memory, over {limit}")
+    if rec.get("spill_store_bytes"):
+        out.append(f"{where}: spills {rec['spill_store_bytes']} bytes per thread")
+    if rec["arch"] >= 90 and rec["tensor_cores_expected"] and not rec["wgmma"]:
+        out.append(f"{where}: its dot runs without wgmma")
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
+    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities x10 (90: H100/H200)")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
-    ap.add_argument("--json", default=None, help="write every configuration's record here")
-    ap.add_argument("--registers", action="store_true", help="also report registers and spills (ptxas -v)")
+    ap.add_argument("--json", default=None, help="write every launch's record here")
+    ap.add_argument("--no-registers", action="store_true", help="skip ptxas -v (registers and spills)")
     args = ap.parse_args(argv)
-    records, problems = run(args.dtypes, args.arch, registers=args.registers)
+    records, problems = [], []
+    for arch in args.arch:
+        r, p = run(args.dtypes, arch, registers=not args.no_registers)
+        records += r
+        problems += p
     for r in records:
-        size = f"{r['shared_bytes'] / 1024:7.1f} KiB" if "shared_bytes" in r else "    error"
-        tile = "x".join(str(r[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in r)
-        regs = f" {r['registers']:3} regs, {r['spill_store_bytes']:4} B spilled" if "registers" in r else ""
-        print(f"{r['dtype']:5} {r['group']:28} {tile:11} warps {r['num_warps']} stages {r['num_stages']} "
-              f"{size}{regs} {'fits' if r['fits'] else 'TOO BIG' if 'shared_bytes' in r else 'ERROR'}")
+        size = f"{r['shared_bytes'] / 1024:6.1f} KiB" if "shared_bytes" in r else "   error"
+        tile = "x".join(str(r[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R") if k in r)
+        regs = f" {r['registers']:3} regs {r['spill_store_bytes']:5} B spilled" if "registers" in r else ""
+        tc = f" wgmma {r['wgmma']:3} mma {r['mma']:3} fences {r['fences']}" if "wgmma" in r else ""
+        print(f"sm_{r['arch']} {r['dtype']:4} {r['shape']:12} {r['kernel']:20} {tile:15} w{r.get('num_warps')} "
+              f"s{r.get('num_stages')} {size}{regs}{tc}")
     if args.json:
         import triton
 
         with open(args.json, "w") as f:
-            json.dump({"arch": args.arch, "triton": triton.__version__, "records": records, "problems": problems},
+            json.dump({"archs": args.arch, "triton": triton.__version__, "records": records, "problems": problems},
                       f, indent=1)
     for p in problems:
         print("PROBLEM:", p)
-    print(f"{len(records)} configurations, {len(problems)} problems")
+    print(f"{len(records)} launches compiled, {len(problems)} problems")
     return 1 if problems else 0
 
 

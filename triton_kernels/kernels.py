@@ -101,7 +101,9 @@ def expand_linear_kernel(
         x = _load_tile(x_ptr, rm, rk, stride_xm, stride_xk, M, K)
         w = _load_tile(w_ptr, rk, rn, stride_wk, stride_wn, K, N)
         acc += tl.dot(x, w, input_precision=DOT_PRECISION)
-    for r0 in range(0, R, BLOCK_R):
+    # The rank loop runs once or twice: not software-pipelined, so that it does not hold a buffer
+    # per stage in shared memory (at R = 112 that alone was over sm_90's 227 KiB).
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         rr = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         t = _load_tile(t_ptr, rm, rr, stride_tm, stride_tr, M, R)
         b = _load_tile(b_ptr, rr, rn, stride_bn_r, stride_bn_n, R, N)
@@ -184,14 +186,16 @@ def grad_x_kernel(
     stride_dxm, stride_dxk, p, keep_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr = False,
 ):
-    """K4: dx = dy @ W + mask * (dT @ A^T); the LoRA term goes first so the mask applies to it alone."""
+    """K4: dx = dy @ W + mask * (dT @ A^T); the LoRA term goes first so the mask applies to it alone.
+    With N = 0 and ACCUMULATE, only dx += mask * (dT @ A^T): the cuBLAS path's epilogue, after
+    cuBLAS has written dy @ W into dx."""
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined, as in expand_linear
         rr = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         dt = _load_tile(dt_ptr, rm, rr, stride_dtm, stride_dtr, M, R)
         a = _load_tile(a_ptr, rr, rk, stride_ar, stride_ak, R, K)
@@ -203,6 +207,8 @@ def grad_x_kernel(
         dy = _load_tile(dy_ptr, rm, rn, stride_dym, stride_dyn, M, N)
         w = _load_tile(w_ptr, rn, rk, stride_wn, stride_wk, N, K)
         acc += tl.dot(dy, w, input_precision=DOT_PRECISION)
+    if ACCUMULATE:
+        acc += _load_tile(dx_ptr, rm, rk, stride_dxm, stride_dxk, M, K).to(tl.float32)
     _store_tile(dx_ptr, acc, rm, rk, stride_dxm, stride_dxk, M, K)
 
 

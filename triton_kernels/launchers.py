@@ -11,16 +11,22 @@ import torch
 import triton
 from torch.library import wrap_triton
 
-from . import kernels
-from .configs import ONE_PASS_MAX_RANK, gemm_configs, rank_block, skinny_tiles
+from . import gemm_paths, kernels
+from .configs import (ONE_PASS_MAX_RANK, gemm_configs, gemm_tiles, is_aligned, precision_class, rank_block,
+                      skinny_tile)
+
+_AUTOTUNERS = {}
 
 
-def _autotuned(kernel) -> dict:
-    """{inputs are fp32: autotuned kernel}: fp32 needs smaller tiles than bf16/fp16 (configs.py).
-    Tuned once per power-of-two bucket of the token count (M_BUCKET), not per M: a new batch
-    shape in the same bucket reuses the choice."""
-    return {fp32: triton.autotune(gemm_configs(torch.float32 if fp32 else torch.bfloat16),
-                                  key=["M_BUCKET", "N", "K", "R"])(kernel) for fp32 in (False, True)}
+def _autotuned(kernel, tiles, restore=()):
+    """One autotuner per kernel and tile list (configs.py picks the list per launch). It tunes
+    once per power-of-two bucket of the token count (M_BUCKET), not per M: a new batch shape in
+    the same bucket reuses the choice."""
+    key = (kernel, tuple(tiles), restore)
+    if key not in _AUTOTUNERS:
+        _AUTOTUNERS[key] = triton.autotune(gemm_configs(tiles), key=["M_BUCKET", "N", "K", "R"],
+                                           restore_value=list(restore) or None)(kernel)
+    return _AUTOTUNERS[key]
 
 
 def m_bucket(m: int) -> int:
@@ -28,10 +34,19 @@ def m_bucket(m: int) -> int:
     return max(16, triton.next_power_of_2(m))
 
 
-_EXPAND_LINEAR = _autotuned(kernels.expand_linear_kernel)
-_SHRINK_EXPAND_LINEAR = _autotuned(kernels.shrink_expand_linear_kernel)
-# In grad_x the output tile is (BLOCK_M, BLOCK_K) and BLOCK_N is the reduction step.
-_GRAD_X = _autotuned(kernels.grad_x_kernel)
+def target_arch(device) -> int:
+    """Compute capability x 10 of the device the launch runs on (compile_check replaces this);
+    0 for the CPU tensors of the interpreter, which has one tile for all."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _tiling(name, big, sizes, tensors, p, block_r):
+    # The tile table's key for this launch: see configs.py.
+    return (name, target_arch(big.device), precision_class(big.dtype, torch.backends.cuda.matmul.allow_tf32),
+            is_aligned(sizes, tensors), p > 0, block_r)
 
 
 def _keep_scale(p: float) -> float:
@@ -55,8 +70,8 @@ def shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> to
     t = x.new_empty((M, R))
     if M == 0:
         return t
-    block_m, block_k, warps, stages = skinny_tiles(x.dtype)
     block_r = rank_block(R, x.dtype)
+    block_m, block_k, warps, stages = skinny_tile(*_tiling("shrink", x, (K,), (x,), p, block_r))
     grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
     wrap_triton(kernels.shrink_kernel)[grid](
         x, a, t, _seed_arg(p, seed, x), M, K, R, *x.stride(), *a.stride(), *t.stride(), p, _keep_scale(p),
@@ -69,16 +84,42 @@ def expand_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   b: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     N, R = weight.shape[0], b.shape[0]
-    y = x.new_empty((M, N))
     if M == 0:
-        return y
+        return x.new_empty((M, N))
+    key = _path_key("expand_linear", x, 0.0, M, N, K, R)
+    fused = lambda: _expand_linear_fused(x, weight, bias, t, b)  # noqa: E731
+    cublas = lambda: _expand_linear_cublas(x, weight, bias, t, b)  # noqa: E731
+    return fused() if gemm_paths.choose(key, x, fused, cublas) == "fused" else cublas()
+
+
+def _expand_linear_fused(x, weight, bias, t, b):
+    M, K = x.shape
+    N, R = weight.shape[0], b.shape[0]
+    y = x.new_empty((M, N))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    wrap_triton(_EXPAND_LINEAR[x.dtype == torch.float32])[grid](
+    block_r = rank_block(R, x.dtype)
+    tiles = gemm_tiles(*_tiling("expand_linear", x, (K, N), (x, weight, y), 0.0, block_r))
+    wrap_triton(_autotuned(kernels.expand_linear_kernel, tiles))[grid](
         x, weight, bias if bias is not None else x, t, b, y, M, N, K, R, m_bucket(M),
         *x.stride(), *weight.stride(), *t.stride(), *b.stride(), *y.stride(),
-        HAS_BIAS=bias is not None, BLOCK_R=rank_block(R, x.dtype), DOT_PRECISION=_dot_precision(),
+        HAS_BIAS=bias is not None, BLOCK_R=block_r, DOT_PRECISION=_dot_precision(),
     )
     return y
+
+
+def _expand_linear_cublas(x, weight, bias, t, b):
+    # The frozen GEMM on cuBLAS, then T B accumulated into its output (beta = 1).
+    y = frozen_mm(x, weight.t()) if bias is None else frozen_addmm(bias, x, weight.t())
+    return accumulate_mm(y, t, b)
+
+
+# The cuBLAS path's GEMMs (compile_check replaces them: it records launches only).
+frozen_mm, frozen_addmm, accumulate_mm = torch.mm, torch.addmm, torch.Tensor.addmm_
+
+
+def _path_key(op, like, p, M, N, K, R) -> tuple:
+    return (op, like.device, like.dtype, _dot_precision() if like.dtype == torch.float32 else "-", p > 0,
+            m_bucket(M), N, K, R)
 
 
 def shrink_expand_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
@@ -93,11 +134,12 @@ def shrink_expand_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if M == 0:
         return y, t
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    wrap_triton(_SHRINK_EXPAND_LINEAR[x.dtype == torch.float32])[grid](
+    block_r = rank_block(R, x.dtype)
+    tiles = gemm_tiles(*_tiling("shrink_expand_linear", x, (K, N), (x, weight, y), p, block_r))
+    wrap_triton(_autotuned(kernels.shrink_expand_linear_kernel, tiles))[grid](
         x, weight, bias if bias is not None else x, a, b, y, t, _seed_arg(p, seed, x), M, N, K, R, m_bucket(M),
         *x.stride(), *weight.stride(), *a.stride(), *b.stride(), *y.stride(), *t.stride(), p, _keep_scale(p),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, BLOCK_R=rank_block(R, x.dtype),
-        DOT_PRECISION=_dot_precision(),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, BLOCK_R=block_r, DOT_PRECISION=_dot_precision(),
     )
     return y, t
 
@@ -108,8 +150,8 @@ def grad_t_b(dy: torch.Tensor, t: torch.Tensor, b: torch.Tensor) -> tuple[torch.
     dt = dy.new_empty((M, R))
     db32 = torch.zeros((R, N), device=dy.device, dtype=torch.float32)
     if M > 0:
-        block_m, block_n, warps, stages = skinny_tiles(dy.dtype)
         block_r = rank_block(R, dy.dtype)
+        block_m, block_n, warps, stages = skinny_tile(*_tiling("grad_t_b", dy, (N,), (dy,), 0.0, block_r))
         grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
         wrap_triton(kernels.grad_t_b_kernel)[grid](
             dy, t, b, dt, db32, M, N, R, *dy.stride(), *t.stride(), *b.stride(), *dt.stride(),
@@ -123,15 +165,29 @@ def grad_x(dy: torch.Tensor, weight: torch.Tensor, dt: torch.Tensor, a: torch.Te
            seed: torch.Tensor) -> torch.Tensor:
     M, N = dy.shape
     K, R = a.shape
-    dx = dy.new_empty((M, K))
     if M == 0:
-        return dx
+        return dy.new_empty((M, K))
+    key = _path_key("grad_x", dy, p, M, N, K, R)
+    fused = lambda: _grad_x_fused(dy, weight, dt, a, p, seed, dy.new_empty((M, K)), N)  # noqa: E731
+    cublas = lambda: _grad_x_fused(dy, weight, dt, a, p, seed, frozen_mm(dy, weight), 0)  # noqa: E731
+    return fused() if gemm_paths.choose(key, dy, fused, cublas) == "fused" else cublas()
+
+
+def _grad_x_fused(dy, weight, dt, a, p, seed, dx, n):
+    """dx = dy W + mask * (dT A^T) in one kernel (n = N); or, with n = 0, dx += mask * (dT A^T)
+    into a dx that holds cuBLAS's dy W already."""
+    M, K = dx.shape
+    R = a.shape[1]
     # The output tile is (BLOCK_M, BLOCK_K); the autotuned BLOCK_N is the reduction step.
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
-    wrap_triton(_GRAD_X[dy.dtype == torch.float32])[grid](
-        dy, weight, dt, a, dx, _seed_arg(p, seed, dy), M, N, K, R, m_bucket(M),
+    block_r = rank_block(R, dy.dtype)
+    tiles = gemm_tiles(*_tiling("grad_x", dy, (K, dy.shape[1]), (dy, weight, dx), p, block_r))
+    # Accumulating runs restore dx between autotuning trials, which would otherwise add up.
+    kernel = _autotuned(kernels.grad_x_kernel, tiles, restore=("dx_ptr",) if n == 0 else ())
+    wrap_triton(kernel)[grid](
+        dy, weight, dt, a, dx, _seed_arg(p, seed, dy), M, n, K, R, m_bucket(M),
         *dy.stride(), *weight.stride(), *dt.stride(), *a.stride(), *dx.stride(), p, _keep_scale(p),
-        HAS_DROPOUT=p > 0, BLOCK_R=rank_block(R, dy.dtype), DOT_PRECISION=_dot_precision(),
+        HAS_DROPOUT=p > 0, BLOCK_R=block_r, DOT_PRECISION=_dot_precision(), ACCUMULATE=n == 0,
     )
     return dx
 
@@ -141,8 +197,8 @@ def grad_a(x: torch.Tensor, dt: torch.Tensor, p: float, seed: torch.Tensor) -> t
     R = dt.shape[1]
     da32 = torch.zeros((K, R), device=x.device, dtype=torch.float32)
     if M > 0:
-        block_m, block_k, warps, stages = skinny_tiles(x.dtype)
         block_r = rank_block(R, x.dtype)
+        block_m, block_k, warps, stages = skinny_tile(*_tiling("grad_a", x, (K,), (x,), p, block_r))
         # Split the row reduction so that there are enough programs to fill the GPU.
         k_blocks = triton.cdiv(K, block_k) * triton.cdiv(R, block_r)
         splits = max(1, min(triton.cdiv(M, 4 * block_m), triton.cdiv(264, k_blocks)))

@@ -115,6 +115,15 @@ def _triton_one_pass(total_rank: int) -> bool:
     return total_rank <= ONE_PASS_MAX_RANK
 
 
+def triton_gemm_choices() -> list[dict]:
+    """What the triton backend chose per shape bucket in auto mode, with both paths' timings (ms)."""
+    if _triton_import_error() is not None:
+        return []
+    from . import triton_ops
+
+    return triton_ops.gemm_path_choices()
+
+
 def cuda_skinny_library() -> str:
     """Who runs the cuda backend's rank-R products: our kernels up to a total rank of 64 and cuBLAS
     beyond ('auto'), or always one of them (the `cuda_skinny` setting)."""
@@ -136,7 +145,9 @@ BACKENDS = {
                 gemm_library=lambda: f"frozen GEMMs on cuBLAS, rank-R products: {cuda_skinny_library()}"),
         Backend("triton", "the Triton kernels (triton_kernels/)", ("cuda", "cpu"), _GPU_DTYPES, _triton_ops,
                 _triton_why_not, one_pass_forward=_triton_one_pass,
-                gemm_library=lambda: f"every GEMM in Triton, forward {settings.get('triton_forward')}"),
+                gemm_library=lambda: f"frozen GEMMs fused in Triton or on cuBLAS (triton_gemm="
+                                     f"{settings.get('triton_gemm')}; {len(triton_gemm_choices())} chosen so far), "
+                                     f"rank-R products in Triton, forward {settings.get('triton_forward')}"),
     )
 }
 # The automatic choice's order on each device, best first.

@@ -11,6 +11,9 @@ resolved to.
                                              library:orientation (aten:plain, ..., onednn:transposed)
     cuda_skinny     $MSPLORA_CUDA_SKINNY     the cuda backend's rank-R products: auto, kernels or cublas
     triton_forward  $MSPLORA_TRITON_FORWARD  the triton backend's forward: split (two kernels) or onepass
+    triton_gemm     $MSPLORA_TRITON_GEMM     the triton backend's frozen GEMMs: auto (both paths timed once
+                                             per shape bucket, the faster kept), fused (in the Triton
+                                             kernels) or cublas (cuBLAS, the LoRA term added by Triton)
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ CHOICES = {
     "cpu_gemm": ("auto", "aten", "onednn", "aten:plain", "aten:transposed", "onednn:plain", "onednn:transposed"),
     "cuda_skinny": ("auto", "kernels", "cublas"),
     "triton_forward": ("split", "onepass"),
+    "triton_gemm": ("auto", "fused", "cublas"),
 }
 ENVIRONMENT = {name: f"MSPLORA_{name.upper()}" for name in CHOICES}
 

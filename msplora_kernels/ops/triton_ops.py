@@ -11,8 +11,8 @@ import functools
 import torch
 from torch.library import triton_op
 
-from ..triton_kernels import launchers
-from . import contract, derivatives
+from ..triton_kernels import gemm_paths, launchers
+from . import contract, derivatives, settings
 from .backends import BACKENDS
 
 NAMESPACE = "msplora_triton"
@@ -38,5 +38,17 @@ for _spec in contract.OPS:
 derivatives.register(NAMESPACE, [spec.name for spec in contract.OPS])
 
 
+def _follow_settings(values: dict) -> None:
+    gemm_paths.MODE = values["triton_gemm"]
+
+
+settings.on_change(_follow_settings)
+
+
 def op_table():
     return getattr(torch.ops, NAMESPACE)
+
+
+def gemm_path_choices() -> list[dict]:
+    """The triton backend's frozen-GEMM path per shape bucket, with both timings (gemm_paths.py)."""
+    return gemm_paths.choices()
