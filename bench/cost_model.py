@@ -2,7 +2,8 @@
 
 The plan is the real one: the launchers run in compile_check's recording mode, in the order the
 autograd Function calls them (forward: shrink, expand_linear; backward: grad_t_b, grad_x,
-grad_a), and each recorded launch (its kernel, tensors and tile) is costed:
+grad_a; with dropout the shrink packs its mask and the backward reads it), and each recorded
+launch (its kernel, tensors and tile) is costed:
 
     time = max(FLOPs / tensor-core rate, compulsory HBM bytes / bandwidth, mask hashes / integer rate)
 
@@ -46,7 +47,8 @@ DEVICES = {
     "a100": Device("A100 SXM", 80, 250.0, 2.04, 108 * 64 * 1.41e-3),
 }
 # Integer instructions per mask element: the splitmix64 finalizer on 32-bit lanes (64-bit
-# multiplies and shifts take several each), counted in the sm_90 code of the kernels' hash (#18).
+# multiplies and shifts take several each). Counted in sm_90 code: 488 SASS instructions the
+# hash adds to shrink for 16 elements a thread (NOTES.md, 2026-11-22), and 32-35 an element (#18).
 HASH_INSTRUCTIONS = 33
 
 
@@ -76,6 +78,10 @@ def launch_cost(kernel, args, kwargs) -> Cost:
     name = kernel if isinstance(kernel, str) else getattr(kernel, "fn", kernel).__name__.replace("_kernel", "")
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     dropout = kwargs.get("HAS_DROPOUT", False)
+    # The packed mask: written by the shrink that draws it, read (not hashed) by the backward.
+    bits = next((t for t in tensors if t.dtype == torch.int32), None)
+    mask_bytes = _nbytes(bits) if bits is not None and (kwargs.get("KEEP_BITS") or kwargs.get("MASK_BITS")) else 0
+    hashing = dropout and not kwargs.get("MASK_BITS", False)
     if name.startswith("cublas."):  # mm(a, b), addmm(bias, a, b), y.addmm_(a, b): read every operand, write the result
         a, b = args[-2], args[-1]
         out = a.shape[0] * b.shape[1] * a.element_size()
@@ -85,8 +91,8 @@ def launch_cost(kernel, args, kwargs) -> Cost:
     if name == "shrink":
         x, a, t = tensors[:3]
         (m, k), r = x.shape, a.shape[1]
-        return Cost(name, 2.0 * m * k * r_pad(r), _nbytes(x) * passes(r) + _nbytes(a) + _nbytes(t),
-                    m * k * passes(r) if dropout else 0)
+        return Cost(name, 2.0 * m * k * r_pad(r), _nbytes(x) * passes(r) + _nbytes(a) + _nbytes(t) + mask_bytes,
+                    m * k * passes(r) if hashing else 0)
     if name == "expand_linear":
         x, w, _, t, b, y = tensors[:6]
         (m, k), n, r = x.shape, w.shape[0], b.shape[0]
@@ -97,16 +103,18 @@ def launch_cost(kernel, args, kwargs) -> Cost:
         return Cost(name, 4.0 * m * n * r_pad(r), _nbytes(dy) * passes(r) + sum(map(_nbytes, (t, b, dt))) + 4 * r * n, 0)
     if name == "grad_x":
         dy, w, dt, a, dx = tensors[:5]
-        m, n_used, (k, r) = dx.shape[0], args[7], a.shape
+        fn = kernel.fn if hasattr(kernel, "configs") else kernel  # an autotuner's kernel
+        m, n_used, (k, r) = dx.shape[0], args[fn.arg_names.index("N")], a.shape
         accumulate = kwargs.get("ACCUMULATE", False)
         big = (dy, w) if n_used else ()
         return Cost(name, 2.0 * m * k * (n_used + r_pad(r)),
-                    sum(map(_nbytes, (*big, dt, a))) + _nbytes(dx) * (2 if accumulate else 1), m * k if dropout else 0)
+                    sum(map(_nbytes, (*big, dt, a))) + _nbytes(dx) * (2 if accumulate else 1) + mask_bytes,
+                    m * k if hashing else 0)
     if name == "grad_a":
         x, dt = tensors[:2]
         (m, k), r = x.shape, dt.shape[1]
-        return Cost(name, 2.0 * m * k * r_pad(r), _nbytes(x) * passes(r) + _nbytes(dt) + 4 * k * r,
-                    m * k * passes(r) if dropout else 0)
+        return Cost(name, 2.0 * m * k * r_pad(r), _nbytes(x) * passes(r) + _nbytes(dt) + 4 * k * r + mask_bytes * passes(r),
+                    m * k * passes(r) if hashing else 0)
     raise ValueError(f"cost_model: no cost for launch {name!r}")
 
 
@@ -121,11 +129,18 @@ def plan(case, tokens: int, dropout: float, path: str, arch: int, dtype=torch.bf
     a, b, dy = torch.empty(k, r, **g), torch.empty(r, n, **g), torch.empty(m, n, **g)
     seed = torch.zeros(1, dtype=torch.int64)
     with recording(arch) as calls, gemm_path(path):
-        t = launchers.shrink(x, a, dropout, seed)
+        if dropout > 0:  # as the Function runs the triton backend (its keeps_mask_bits capability)
+            t, bits = launchers.shrink_keep_mask(x, a, dropout, seed)
+        else:
+            t = launchers.shrink(x, a, dropout, seed)
         launchers.expand_linear(x, w, bias, t, b)
         dt, _ = launchers.grad_t_b(dy, t, b)
-        launchers.grad_x(dy, w, dt, a, dropout, seed)
-        launchers.grad_a(x, dt, dropout, seed)
+        if dropout > 0:
+            launchers.grad_x_bits(dy, w, dt, a, bits, dropout)
+            launchers.grad_a_bits(x, dt, bits, dropout)
+        else:
+            launchers.grad_x(dy, w, dt, a, dropout, seed)
+            launchers.grad_a(x, dt, dropout, seed)
     return calls
 
 

@@ -40,7 +40,9 @@ fi
 
 if want layers; then
   LOG="$OUT_DIR/$DEV-$DATE.log"
-  $PY bench/throughput.py --json "$OUT_DIR/$DEV-$DATE.json" --plot "$OUT_DIR/$DEV-$DATE.png" > "$LOG" 2>&1
+  # --predict: the cost model's ratios from this GPU's measured ceilings, beside the measurement
+  # (and in the JSON's metadata), which is what #18's predictions are held against.
+  $PY bench/throughput.py --predict --json "$OUT_DIR/$DEV-$DATE.json" --plot "$OUT_DIR/$DEV-$DATE.png" > "$LOG" 2>&1
   tail -14 "$LOG"
   # Into the same log (the device tool returns 8 files at most): CUDA-graph replays, whose gap to
   # the eager run is CPU launch overhead, a tiny layer, where that overhead is all there is, and
@@ -54,6 +56,12 @@ if want layers; then
         echo; echo "# MSPLORA_TRITON_FORWARD=$mode, dropout $p"
         MSPLORA_TRITON_FORWARD=$mode $PY bench/throughput.py --cases roberta-base --methods linear msplora --dropout $p
       done
+    done
+    # The triton backend's frozen GEMMs fused in Triton or on cuBLAS (auto, the default, times
+    # both per shape bucket; its choices are in the JSON's triton_gemm_choices).
+    for mode in fused cublas; do
+      echo; echo "# MSPLORA_TRITON_GEMM=$mode"
+      MSPLORA_TRITON_GEMM=$mode $PY bench/throughput.py --methods linear msplora
     done
     # The cuda backend's rank-R products on our CUDA-core kernels against cuBLAS plus a mask
     # kernel (the default switches at R > 64; msplora_cuda.cpp has the prediction).

@@ -23,6 +23,11 @@ def contract_args(name, dtype, p):
     spec = contract.SPECS[name]
     values = [torch.randn(*(SIZES[d] for d in dims), dtype=dtype) / 3 for dims in spec.inputs.values()]
     by_name = dict(zip(spec.inputs, values))
+    for arg in spec.mask_inputs:  # a random packed mask: every bit pattern, some words negative
+        words = -(-SIZES["K"] // contract.MASK_WORD_BITS)
+        keep = torch.rand(SIZES["M"], SIZES["K"]) > 0.3
+        by_name[arg] = reference.pack_mask(keep)
+        assert by_name[arg].shape == (SIZES["M"], words)
     seed = torch.tensor([424242], dtype=torch.int64)
     args = []
     for arg in contract._arg_names(spec):
@@ -51,14 +56,19 @@ def check_op_table(ops, backend_dtypes, names=contract.REQUIRED):
                 assert len(got) == len(want) == len(contract.SPECS[name].outputs), name
                 for i, (g, w, f) in enumerate(zip(got, want, fake)):
                     assert g.shape == f.shape and g.stride() == f.stride(), f"{name}: fake kernel disagrees"
+                    assert g.dtype == f.dtype, f"{name}[{i}]: dtype {g.dtype}, fake kernel {f.dtype}"
                     assert all(g.data_ptr() != a.data_ptr() for a in args if isinstance(a, torch.Tensor)), name
-                    _compare(f"{name}[{i}] {dtype} p={p}", g, w.to(dtype), dtype)
+                    if i in contract.SPECS[name].mask_outputs:  # a packed mask: bit for bit
+                        assert torch.equal(g, w), f"{name}[{i}] p={p}: packed mask differs"
+                    else:
+                        _compare(f"{name}[{i}] {dtype} p={p}", g, w.to(dtype), dtype)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_every_cpu_backend_follows_the_contract(backend):
     b = BACKENDS[backend]
-    names = contract.REQUIRED + (("shrink_expand_linear",) if backend == "triton" else ())
+    optional = ("shrink_expand_linear", "shrink_keep_mask", "grad_x_bits", "grad_a_bits")
+    names = contract.REQUIRED + (optional if backend in ("triton", "torch") else ())
     check_op_table(b.ops, b.dtypes, names)
 
 
@@ -84,6 +94,8 @@ def test_optional_ops_come_with_their_capability():
     for name, b in BACKENDS.items():
         if name in CPU_BACKENDS and not hasattr(b.ops, "shrink_expand_linear"):
             assert not b.one_pass_forward(1), name
+        if b.keeps_mask_bits:
+            assert all(hasattr(b.ops, op) for op in ("shrink_keep_mask", "grad_x_bits", "grad_a_bits")), name
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
@@ -107,6 +119,12 @@ def test_the_contract_names_the_argument_and_the_shapes():
         contract.bind("dropout", (torch.ones(2, 2), 0.1, torch.tensor([1.0])))
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
         contract.bind("dropout", (torch.ones(2, 2), 1.0, torch.tensor([1])))
+    # A packed mask must be int32 words of the input's rows and ceil(K / 32) columns.
+    x, dt = torch.randn(8, 70), torch.randn(8, 3)
+    with pytest.raises(ValueError, match=r"bits must have shape \(M, ceil\(K / 32\)\) = \(8, 3\) .* got \(8, 2\)"):
+        contract.bind("grad_a_bits", (x, dt, torch.zeros(8, 2, dtype=torch.int32), 0.1))
+    with pytest.raises(TypeError, match="bits must be a 2-D int32 packed mask"):
+        contract.bind("grad_a_bits", (x, dt, torch.zeros(8, 3), 0.1))
 
 
 def _hex_constants(text):

@@ -76,13 +76,14 @@ def test_the_checks_specialization_is_the_one_a_launch_gets(tmp_path):
 
 
 def test_every_launch_fits_unspilled_on_sm90_and_sm80(tmp_path):
-    # One child per architecture, side by side (compiling is single-threaded); bf16 stands for
-    # fp16 (the same tiles; the committed report covers fp16 too).
+    # One child per architecture, side by side (compiling is single-threaded). bf16, the dtype of
+    # GPU training, keeps this under the CI budget; the committed report (bench/results/
+    # triton-compile-*.json) covers fp16 and fp32 (IEEE and TF32) as well.
     children = {}
     for arch in (90, 80):
         out = tmp_path / f"sm{arch}.json"
         cmd = [sys.executable, "-m", "msplora_kernels.triton_kernels.compile_check", "--arch", str(arch),
-               "--dtypes", "bf16", "fp32", "--json", str(out)]
+               "--dtypes", "bf16", "--json", str(out)]
         children[arch] = (out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                                 env=_child_env(tmp_path, arch)))
     for arch, (out, child) in children.items():
@@ -104,8 +105,11 @@ def test_every_launch_fits_unspilled_on_sm90_and_sm80(tmp_path):
         assert all({"M", "K", "x_ptr"} <= set(r["divisible_by_16"]) for r in llama)
         odd = [r for r in records if r["shape"].startswith("odd") and r["kernel"] == "shrink"]
         assert odd and all("K" not in r["divisible_by_16"] for r in odd)
-        # The cuBLAS path's epilogue (grad_x with N = 0, accumulating) is among the launches.
+        # The cuBLAS path's epilogue (grad_x with N = 0, accumulating) and the packed-mask
+        # variants are among the launches.
         assert any(r["kernel"] == "grad_x" and r.get("ACCUMULATE") for r in records)
+        assert any(r["kernel"] == "shrink" and r.get("KEEP_BITS") for r in records)
+        assert {r["kernel"] for r in records if r.get("MASK_BITS")} == {"grad_x", "grad_a"}
         if arch == 90:
-            gemm = [r for r in records if r["kernel"] == "expand_linear" and r["dtype"] == "bf16"]
+            gemm = [r for r in records if r["kernel"] == "expand_linear"]
             assert gemm and all(r["wgmma"] > 0 for r in gemm)

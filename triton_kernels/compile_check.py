@@ -105,12 +105,18 @@ def recorded_launches(dtype: str, shape, arch: int, tf32: bool = False) -> list:
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         with recording(arch) as calls:
+            bits = torch.zeros(m, -(-k // 32), dtype=torch.int32)
             for p in (0.0, 0.1):
                 launchers.shrink(x, a, p, seed)
                 for path in ("fused", "cublas"):
                     with gemm_path(path):
                         launchers.grad_x(dy, w, dt, a, p, seed)
+                        if p > 0:  # the forward's packed mask instead of the hash
+                            launchers.grad_x_bits(dy, w, dt, a, bits, p)
                 launchers.grad_a(x, dt, p, seed)
+                if p > 0:
+                    launchers.shrink_keep_mask(x, a, p, seed)
+                    launchers.grad_a_bits(x, dt, bits, p)
                 if r <= launchers.ONE_PASS_MAX_RANK:
                     launchers.shrink_expand_linear(x, w, bias, a, b, p, seed)
             for path in ("fused", "cublas"):
@@ -249,7 +255,8 @@ def run(dtypes, arch: int, progress=True, registers=True) -> tuple[list[dict], l
     for dtype, shape, fn, args, kw in tqdm(plan, desc=f"compile sm_{arch}", unit="launch", disable=not progress,
                                            file=sys.stderr):
         config = {k: v for k, v in kw.items() if k.startswith("BLOCK") or k in ("GROUP_M", "num_warps", "num_stages",
-                                                                                  "HAS_DROPOUT", "DOT_PRECISION", "ACCUMULATE")}
+                                                                                  "HAS_DROPOUT", "DOT_PRECISION", "ACCUMULATE",
+                                                                                  "KEEP_BITS", "MASK_BITS")}
         rec = {"kernel": fn.__name__.replace("_kernel", ""), "dtype": dtype, "shape": shape, "arch": arch, **config}
         t0 = time.perf_counter()
         try:

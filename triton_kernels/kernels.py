@@ -4,8 +4,9 @@ A is the levels' A factors side by side, scales folded in (K x R); B their B fac
 stacked (R x N). R = sum of the ranks is padded to BLOCK_R inside the kernels only.
 Offsets are int64, accumulation fp32. fp32 inputs multiply in IEEE fp32 unless torch allows
 TF32 (torch.backends.cuda.matmul.allow_tf32), so results agree with torch's own matmul. Dropout
-hashes (seed, row*K + col) as the CPU and CUDA kernels do (csrc/dropout_hash.h), so the backward
-regenerates the mask and none is stored, and every backend draws the same mask.
+hashes (seed, row*K + col) as the CPU and CUDA kernels do (csrc/dropout_hash.h), so every backend
+draws the same mask; the forward's shrink can store it packed (1 bit an element) for the backward
+to read instead of hashing again.
 """
 import triton
 import triton.language as tl
@@ -52,21 +53,47 @@ def _keep(seed, rows, cols, K, p):
 
 
 @triton.jit
-def _dropped(x, seed, rows, cols, K, p, keep_scale):
+def _apply_keep(x, keep, keep_scale):
     # Inverted dropout of an x tile, multiplied in fp32 and rounded once to x's dtype, as the
     # reference and the CPU and CUDA kernels do.
-    return tl.where(_keep(seed, rows, cols, K, p), x.to(tl.float32) * keep_scale, 0.0).to(x.dtype)
+    return tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(x.dtype)
+
+
+@triton.jit
+def _dropped(x, seed, rows, cols, K, p, keep_scale):
+    return _apply_keep(x, _keep(seed, rows, cols, K, p), keep_scale)
+
+
+@triton.jit
+def _store_bits(bits_ptr, keep, rows, cols, k0, M, K, W, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The tile's keep flags packed 32 to an int32 word (bit k % 32 of word k // 32; 0 past K), so
+    # that the backward reads 1 bit an element instead of hashing it again. BLOCK_K % 32 == 0.
+    flags = tl.reshape((keep & (cols[None, :] < K)).to(tl.uint32), (BLOCK_M, BLOCK_K // 32, 32))
+    shifts = tl.arange(0, 32).to(tl.uint32)
+    words = tl.sum(flags << shifts[None, None, :], axis=2).to(tl.uint32)  # distinct bits: the sum is the OR
+    rw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    tl.store(bits_ptr + rows[:, None] * W + rw[None, :], words.to(tl.int32, bitcast=True),
+             mask=(rows[:, None] < M) & (rw[None, :] < W))
+
+
+@triton.jit
+def _kept_bits(bits_ptr, rows, cols, M, K, W):
+    # Keep flags of a tile from the packed mask: one word load per element (neighbours share it in L1).
+    words = tl.load(bits_ptr + rows[:, None] * W + (cols // 32)[None, :],
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0)
+    return ((words >> (cols % 32).to(tl.int32)[None, :]) & 1) != 0
 
 
 @triton.jit
 def shrink_kernel(
-    x_ptr, a_ptr, t_ptr, seed_ptr, M, K, R,
+    x_ptr, a_ptr, t_ptr, seed_ptr, bits_ptr, M, K, R, W,
     stride_xm, stride_xk, stride_ak, stride_ar, stride_tm, stride_tr,
     p, keep_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KEEP_BITS: tl.constexpr = False,
 ):
-    """K1: T = dropout(x) @ A."""
+    """K1: T = dropout(x) @ A; with KEEP_BITS the first rank block's programs also store the
+    mask they draw, packed (W = ceil(K / 32) words a row)."""
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -76,7 +103,11 @@ def shrink_kernel(
         rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         x = _load_tile(x_ptr, rm, rk, stride_xm, stride_xk, M, K)
         if HAS_DROPOUT:
-            x = _dropped(x, seed, rm, rk, K, p, keep_scale)
+            keep = _keep(seed, rm, rk, K, p)
+            x = _apply_keep(x, keep, keep_scale)
+            if KEEP_BITS:
+                if tl.program_id(1) == 0:
+                    _store_bits(bits_ptr, keep, rm, rk, k0, M, K, W, BLOCK_M, BLOCK_K)
         a = _load_tile(a_ptr, rk, rr, stride_ak, stride_ar, K, R)
         acc += tl.dot(x, a, input_precision=DOT_PRECISION)
     _store_tile(t_ptr, acc, rm, rr, stride_tm, stride_tr, M, R)
@@ -181,12 +212,12 @@ def grad_t_b_kernel(
 
 @triton.jit
 def grad_x_kernel(
-    dy_ptr, w_ptr, dt_ptr, a_ptr, dx_ptr, seed_ptr, M, N, K, R, M_BUCKET,
+    dy_ptr, w_ptr, dt_ptr, a_ptr, dx_ptr, seed_ptr, bits_ptr, M, N, K, R, W, M_BUCKET,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dtm, stride_dtr, stride_ak, stride_ar,
     stride_dxm, stride_dxk, p, keep_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr = False, MASK_BITS: tl.constexpr = False,
 ):
     """K4: dx = dy @ W + mask * (dT @ A^T); the LoRA term goes first so the mask applies to it alone.
     With N = 0 and ACCUMULATE, only dx += mask * (dT @ A^T): the cuBLAS path's epilogue, after
@@ -201,7 +232,11 @@ def grad_x_kernel(
         a = _load_tile(a_ptr, rr, rk, stride_ar, stride_ak, R, K)
         acc += tl.dot(dt, a, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        acc = tl.where(_keep(tl.load(seed_ptr), rm, rk, K, p), acc * keep_scale, 0.0)
+        if MASK_BITS:  # the forward's packed mask
+            keep = _kept_bits(bits_ptr, rm, rk, M, K, W)
+        else:
+            keep = _keep(tl.load(seed_ptr), rm, rk, K, p)
+        acc = tl.where(keep, acc * keep_scale, 0.0)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         dy = _load_tile(dy_ptr, rm, rn, stride_dym, stride_dyn, M, N)
@@ -214,10 +249,10 @@ def grad_x_kernel(
 
 @triton.jit
 def grad_a_kernel(
-    x_ptr, dt_ptr, da_ptr, seed_ptr, M, K, R, rows_per_split,
+    x_ptr, dt_ptr, da_ptr, seed_ptr, bits_ptr, M, K, R, W, rows_per_split,
     stride_xm, stride_xk, stride_dtm, stride_dtr, p, keep_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, MASK_BITS: tl.constexpr = False,
 ):
     """dA = dropout(x)^T @ dT, split over rows; splits meet by fp32 atomics."""
     rk = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -225,13 +260,16 @@ def grad_a_kernel(
     m_start = tl.program_id(1).to(tl.int64) * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
     acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
-    if HAS_DROPOUT:
+    if HAS_DROPOUT and not MASK_BITS:
         seed = tl.load(seed_ptr)
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         x = _load_tile(x_ptr, rm, rk, stride_xm, stride_xk, m_end, K)
         if HAS_DROPOUT:
-            x = _dropped(x, seed, rm, rk, K, p, keep_scale)
+            if MASK_BITS:  # the forward's packed mask
+                x = _apply_keep(x, _kept_bits(bits_ptr, rm, rk, M, K, W), keep_scale)
+            else:
+                x = _dropped(x, seed, rm, rk, K, p, keep_scale)
         dt = _load_tile(dt_ptr, rm, rr, stride_dtm, stride_dtr, m_end, R)
         acc += tl.dot(tl.trans(x), dt, input_precision=DOT_PRECISION)
     tl.atomic_add(da_ptr + rk[:, None] * R + rr[None, :], acc, mask=(rk[:, None] < K) & (rr[None, :] < R),

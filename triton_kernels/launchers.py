@@ -61,10 +61,30 @@ def _dot_precision() -> str:
 def _seed_arg(p: float, seed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     # Without dropout the kernel never reads the seed, but Triton's launcher still
     # rejects the null pointer of an empty tensor; any valid pointer will do.
-    return seed if p > 0 else like
+    return seed if p > 0 and seed is not None else like
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    return _shrink(x, a, p, seed, None)
+
+
+def shrink_keep_mask(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, the mask packed 32 to an int32 word): the backward reads it instead of hashing again."""
+    M, K = x.shape
+    bits = torch.empty((M, _words(K)), device=x.device, dtype=torch.int32)
+    if p == 0:  # every element kept; no kernel draws anything
+        bits.fill_(-1)
+        if K % 32:
+            bits[:, -1] = (1 << (K % 32)) - 1
+        return _shrink(x, a, p, seed, None), bits
+    return _shrink(x, a, p, seed, bits), bits
+
+
+def _words(k: int) -> int:
+    return triton.cdiv(k, 32)
+
+
+def _shrink(x, a, p, seed, bits):
     M, K = x.shape
     R = a.shape[1]
     t = x.new_empty((M, R))
@@ -72,10 +92,14 @@ def shrink(x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor) -> to
         return t
     block_r = rank_block(R, x.dtype)
     block_m, block_k, warps, stages = skinny_tile(*_tiling("shrink", x, (K,), (x,), p, block_r))
+    if bits is not None:
+        block_k = max(block_k, 32)  # packing takes whole words
     grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
     wrap_triton(kernels.shrink_kernel)[grid](
-        x, a, t, _seed_arg(p, seed, x), M, K, R, *x.stride(), *a.stride(), *t.stride(), p, _keep_scale(p),
-        HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
+        x, a, t, _seed_arg(p, seed, x), t if bits is None else bits, M, K, R, _words(K),
+        *x.stride(), *a.stride(), *t.stride(), p, _keep_scale(p),
+        HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
+        num_warps=warps, num_stages=stages, KEEP_BITS=bits is not None,
     )
     return t
 
@@ -163,17 +187,26 @@ def grad_t_b(dy: torch.Tensor, t: torch.Tensor, b: torch.Tensor) -> tuple[torch.
 
 def grad_x(dy: torch.Tensor, weight: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, p: float,
            seed: torch.Tensor) -> torch.Tensor:
+    return _grad_x(dy, weight, dt, a, p, seed, None)
+
+
+def grad_x_bits(dy: torch.Tensor, weight: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, bits: torch.Tensor,
+                p: float) -> torch.Tensor:
+    return _grad_x(dy, weight, dt, a, p, None, bits)
+
+
+def _grad_x(dy, weight, dt, a, p, seed, bits):
     M, N = dy.shape
     K, R = a.shape
     if M == 0:
         return dy.new_empty((M, K))
     key = _path_key("grad_x", dy, p, M, N, K, R)
-    fused = lambda: _grad_x_fused(dy, weight, dt, a, p, seed, dy.new_empty((M, K)), N)  # noqa: E731
-    cublas = lambda: _grad_x_fused(dy, weight, dt, a, p, seed, frozen_mm(dy, weight), 0)  # noqa: E731
+    fused = lambda: _grad_x_fused(dy, weight, dt, a, p, seed, bits, dy.new_empty((M, K)), N)  # noqa: E731
+    cublas = lambda: _grad_x_fused(dy, weight, dt, a, p, seed, bits, frozen_mm(dy, weight), 0)  # noqa: E731
     return fused() if gemm_paths.choose(key, dy, fused, cublas) == "fused" else cublas()
 
 
-def _grad_x_fused(dy, weight, dt, a, p, seed, dx, n):
+def _grad_x_fused(dy, weight, dt, a, p, seed, bits, dx, n):
     """dx = dy W + mask * (dT A^T) in one kernel (n = N); or, with n = 0, dx += mask * (dT A^T)
     into a dx that holds cuBLAS's dy W already."""
     M, K = dx.shape
@@ -185,14 +218,23 @@ def _grad_x_fused(dy, weight, dt, a, p, seed, dx, n):
     # Accumulating runs restore dx between autotuning trials, which would otherwise add up.
     kernel = _autotuned(kernels.grad_x_kernel, tiles, restore=("dx_ptr",) if n == 0 else ())
     wrap_triton(kernel)[grid](
-        dy, weight, dt, a, dx, _seed_arg(p, seed, dy), M, n, K, R, m_bucket(M),
-        *dy.stride(), *weight.stride(), *dt.stride(), *a.stride(), *dx.stride(), p, _keep_scale(p),
+        dy, weight, dt, a, dx, _seed_arg(p, seed, dy), dx if bits is None else bits, M, n, K, R, _words(K),
+        m_bucket(M), *dy.stride(), *weight.stride(), *dt.stride(), *a.stride(), *dx.stride(), p, _keep_scale(p),
         HAS_DROPOUT=p > 0, BLOCK_R=block_r, DOT_PRECISION=_dot_precision(), ACCUMULATE=n == 0,
+        MASK_BITS=bits is not None,
     )
     return dx
 
 
 def grad_a(x: torch.Tensor, dt: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    return _grad_a(x, dt, p, seed, None)
+
+
+def grad_a_bits(x: torch.Tensor, dt: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:
+    return _grad_a(x, dt, p, None, bits)
+
+
+def _grad_a(x, dt, p, seed, bits):
     M, K = x.shape
     R = dt.shape[1]
     da32 = torch.zeros((K, R), device=x.device, dtype=torch.float32)
@@ -205,9 +247,10 @@ def grad_a(x: torch.Tensor, dt: torch.Tensor, p: float, seed: torch.Tensor) -> t
         rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
         grid = (triton.cdiv(K, block_k), triton.cdiv(M, rows_per_split), triton.cdiv(R, block_r))
         wrap_triton(kernels.grad_a_kernel)[grid](
-            x, dt, da32, _seed_arg(p, seed, x), M, K, R, rows_per_split, *x.stride(), *dt.stride(), p, _keep_scale(p),
+            x, dt, da32, _seed_arg(p, seed, x), da32 if bits is None else bits, M, K, R, _words(K), rows_per_split,
+            *x.stride(), *dt.stride(), p, _keep_scale(p),
             HAS_DROPOUT=p > 0, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
-            DOT_PRECISION=_dot_precision(),
+            DOT_PRECISION=_dot_precision(), MASK_BITS=bits is not None,
         )
     return da32.to(x.dtype)
 

@@ -22,7 +22,8 @@ _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_st
 
 
 def _keyed_launches(arch: int) -> dict:
-    """{table key: (fn, args, kwargs without tile)} for every launch that looks up tiles."""
+    """{table key: [(fn, args, kwargs without tile)]}: every launch that looks up tiles, by the
+    key it looks up (one key serves variants: the cuBLAS path's epilogue, the packed mask)."""
     found, pending = {}, []
     lookups = launchers.gemm_tiles, launchers.skinny_tile
 
@@ -42,10 +43,13 @@ def _keyed_launches(arch: int) -> dict:
                 assert len(tiled) == len(pending), "a launch without its tile lookup"
                 for key, (kernel, args, kwargs) in zip(pending, tiled):
                     fn = kernel.fn if hasattr(kernel, "configs") else kernel  # an autotuner's kernel
-                    found.setdefault(key, (fn, args, {k: v for k, v in kwargs.items() if k not in _CONFIG_KEYS}))
+                    variants = found.setdefault(key, {})
+                    base = {k: v for k, v in kwargs.items() if k not in _CONFIG_KEYS}
+                    variants.setdefault(repr(sorted((k, v) for k, v in base.items() if k.isupper())),
+                                        (fn, args, base))
     finally:
         launchers.gemm_tiles, launchers.skinny_tile = lookups
-    return found
+    return {key: list(variants.values()) for key, variants in found.items()}
 
 
 def _looks_up(kernel) -> bool:
@@ -68,30 +72,42 @@ def _passes(rec: dict) -> bool:
 
 
 _ITEMS = []  # the keyed launches; forked workers inherit them (kernels and tensors do not pickle)
+_CURRENT = {}  # the table being refreshed
+
+
+def _why_not(name, arch, fn, args, kwargs, tile):
+    """None if the tile passes for this launch, else why not."""
+    rec = {"kernel": name, "dtype": "", "shape": "", "arch": arch}
+    try:
+        rec.update(compile_check.compile_record(fn, args, {**kwargs, **_tile_kwargs(name, tile)}, arch, True))
+        rec["fits"] = rec["shared_bytes"] <= configs.SHARED_LIMIT[arch]
+    except Exception as exc:  # noqa: BLE001 - a candidate that does not compile is rejected
+        return str(exc).splitlines()[0][:200]
+    if "registers" not in rec:
+        return "ptxas gave no register report"
+    if not _passes(rec):
+        return f"{rec['shared_bytes']} B shared, {rec['spill_store_bytes']} B spilled"
+    return None
 
 
 def tune_key(index: int) -> tuple:
-    """(key, tiles that pass, [(tile, why not)]) for one key, trying candidates in order."""
-    key, (fn, args, kwargs) = _ITEMS[index]
+    """(key, tiles that pass every launch of the key, [(tile, why not)]), trying the table's
+    current tiles first, then the candidates in order."""
+    key, launches = _ITEMS[index]
     name, arch, cls = key[0], key[1], key[2]
     gemm = name in configs.GEMM_KERNELS
     candidates = configs.GEMM_CANDIDATES["narrow" if cls == "narrow" else "wide"] if gemm else configs.SKINNY_CANDIDATES
+    current = _CURRENT.get(key, [])
     wanted = configs.AUTOTUNE_SIZE if gemm else 1
     kept, rejected = [], []
-    for tile in candidates:
-        rec = {"kernel": name, "dtype": cls, "shape": "", "arch": arch}
-        try:
-            rec.update(compile_check.compile_record(fn, args, {**kwargs, **_tile_kwargs(name, tile)}, arch, True))
-            rec["fits"] = rec["shared_bytes"] <= configs.SHARED_LIMIT[arch]
-        except Exception as exc:  # noqa: BLE001 - a candidate that does not compile is rejected
-            rec.update(error=str(exc).splitlines()[0][:200], fits=False)
-        if _passes(rec) and "registers" in rec:
+    for tile in current + [c for c in candidates if c not in current]:
+        why = next(filter(None, (_why_not(name, arch, *launch, tile) for launch in launches)), None)
+        if why is None:
             kept.append(tile)
             if len(kept) == wanted:
                 break
         else:
-            rejected.append((tile, rec.get("error") or f"{rec.get('shared_bytes')} B shared, "
-                                                      f"{rec.get('spill_store_bytes')} B spilled"))
+            rejected.append((tile, why))
     return key, kept, rejected
 
 
@@ -128,6 +144,7 @@ def main(argv=None) -> int:
 
     _ITEMS[:] = [item for arch in ARCHS for item in _keyed_launches(arch).items() if item[0][0] in args.kernels]
     table, empty = _existing(args.out), []
+    _CURRENT.update(table)
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
         for key, kept, rejected in tqdm(pool.imap_unordered(tune_key, range(len(_ITEMS))), total=len(_ITEMS),
                                         desc="tune tiles",

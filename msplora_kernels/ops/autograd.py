@@ -6,8 +6,10 @@ Forward:  A = [s_1 A_1 | ... | s_n A_n], B = [B_1; ...; B_n] (the levels joined,
           (with the one_pass_forward capability: both in one kernel)
 Backward: dT, dB = dy B^T, T^T dy   (one pass over dy)
           dx = dy W + mask * (dT A^T)
-          dA = dropout(x)^T dT      (the mask regenerated from the seed, or dropout(x) kept from the
-                                     forward: the keeps_dropped_input capability)
+          dA = dropout(x)^T dT      (the mask regenerated from the seed; or dropout(x) kept from the
+                                     forward: the keeps_dropped_input capability; or the mask
+                                     packed 1 bit an element by the forward's shrink, for dx and
+                                     dA: the keeps_mask_bits capability)
           dA_i, dB_i = s_i dA[:, level i], dB[level i]  (in each factor's dtype)
           dW = dy^T x, db = sum(dy) only when the base layer is trained.
 
@@ -77,21 +79,31 @@ def _keeps_dropped_input(backend, p, need_as) -> bool:
     return backend.keeps_dropped_input and p > 0 and any(need_as)
 
 
-def _shrink(ops, backend, x, a, p, seed, need_as):
-    """T = dropout(x) A, and dropout(x) itself where the forward keeps it for dA (else None)."""
+def _shrink(ops, backend, x, a, p, seed, need_as, need_mask):
+    """(T = dropout(x) A, dropout(x) where the forward keeps it for dA, the packed mask where the
+    backend keeps that for the backward (need_mask: some gradient will use it)); None for what
+    is not kept."""
     if _keeps_dropped_input(backend, p, need_as):
         x_lora = ops.dropout(x, p, seed)
-        return ops.shrink(x_lora, a, 0.0, seed), x_lora
-    return ops.shrink(x, a, p, seed), None
+        return ops.shrink(x_lora, a, 0.0, seed), x_lora, None
+    if backend.keeps_mask_bits and p > 0 and need_mask:
+        t, bits = ops.shrink_keep_mask(x, a, p, seed)
+        return t, None, bits
+    return ops.shrink(x, a, p, seed), None, None
 
 
 
-def _factor_grads(ctx, ops, x, x_lora, dt, db, seed, row, need_as, need_bs):
+def _factor_grads(ctx, ops, x, x_lora, bits, dt, db, seed, row, need_as, need_bs):
     """dA_i = s_i dropout(x)^T dT_i and dB_i, split by level into each factor's dtype."""
     da_levels = db_levels = [None] * len(ctx.ranks)
     if any(need_as):
         # grad_a returns a fresh tensor, scaled in place.
-        da = ops.grad_a(x, dt, ctx.p, seed) if x_lora is None else ops.grad_a(x_lora, dt, 0.0, seed)
+        if x_lora is not None:
+            da = ops.grad_a(x_lora, dt, 0.0, seed)
+        elif bits is not None:
+            da = ops.grad_a_bits(x, dt, bits, ctx.p)
+        else:
+            da = ops.grad_a(x, dt, ctx.p, seed)
         da_levels = _split(da.mul_(row), ctx.ranks, 1, ctx.a_dtypes)
     if any(need_bs):
         db_levels = _split(db, ctx.ranks, 0, ctx.b_dtypes)
@@ -107,17 +119,19 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
         ops = backend.ops
         ranks = tuple(a_i.shape[1] for a_i in As)
         row = _scale_row(scales, ranks, As[0])
-        x_lora = None  # dropout(x), when it is kept for dA
+        x_lora = bits = None  # dropout(x) or the packed mask, when one is kept for the backward
+        need_as = ctx.needs_input_grad[7 : 7 + levels]
         with _below_autograd():
             a, b = _joined(As, Bs, row, x.dtype)
             if backend.one_pass_forward(a.shape[1]):
                 y, t = ops.shrink_expand_linear(x, weight, bias, a, b, p, seed)
             else:
-                t, x_lora = _shrink(ops, backend, x, a, p, seed, ctx.needs_input_grad[7 : 7 + levels])
+                need_mask = ctx.needs_input_grad[0] or any(need_as)
+                t, x_lora, bits = _shrink(ops, backend, x, a, p, seed, need_as, need_mask)
                 y = ops.expand_linear(x, weight, bias, t, b)
         # x itself is needed again only for a trained base weight's gradient.
         x_saved = x if x_lora is None or ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(x_saved, x_lora, weight, a, b, t, seed, row)
+        ctx.save_for_backward(x_saved, x_lora, bits, weight, a, b, t, seed, row)
         ctx.p, ctx.backend_name, ctx.ranks = p, backend_name, ranks
         ctx.a_dtypes, ctx.b_dtypes = [a_i.dtype for a_i in As], [b_i.dtype for b_i in Bs]
         return y
@@ -125,7 +139,7 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, x_lora, weight, a, b, t, seed, row = ctx.saved_tensors
+        x, x_lora, bits, weight, a, b, t, seed, row = ctx.saved_tensors
         levels = len(ctx.ranks)
         need_x, need_w, need_bias = ctx.needs_input_grad[:3]
         need_as, need_bs = ctx.needs_input_grad[7 : 7 + levels], ctx.needs_input_grad[7 + levels :]
@@ -136,9 +150,11 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
             dy = dy.contiguous()
             if need_x or any(need_as) or any(need_bs):
                 dt, db = ops.grad_t_b(dy, t, b)
-                if need_x:
+                if need_x and bits is not None:
+                    dx = ops.grad_x_bits(dy, weight, dt, a, bits, ctx.p)
+                elif need_x:
                     dx = ops.grad_x(dy, weight, dt, a, ctx.p, seed)
-                da_levels, db_levels = _factor_grads(ctx, ops, x, x_lora, dt, db, seed, row, need_as, need_bs)
+                da_levels, db_levels = _factor_grads(ctx, ops, x, x_lora, bits, dt, db, seed, row, need_as, need_bs)
             if need_w:
                 dw = dy.t().mm(x)
             if need_bias:
@@ -162,7 +178,8 @@ class FusedLoRAAddFunction(torch.autograd.Function):
         row = _scale_row(scales, ranks, As[0])
         with _below_autograd():
             a, b = _joined(As, Bs, row, x.dtype)
-            t, x_lora = _shrink(ops, backend, x, a, p, seed, ctx.needs_input_grad[6 : 6 + levels])
+            need_as = ctx.needs_input_grad[6 : 6 + levels]
+            t, x_lora, bits = _shrink(ops, backend, x, a, p, seed, need_as, ctx.needs_input_grad[1] or any(need_as))
             y2d = y.view(-1, y.shape[-1]) if y.is_contiguous() else None
             if y2d is not None and y._base is None and not (y.is_leaf and y.requires_grad):
                 y2d.addmm_(t, b)
@@ -170,7 +187,7 @@ class FusedLoRAAddFunction(torch.autograd.Function):
                 out = y
             else:
                 out = torch.addmm(y.reshape(-1, y.shape[-1]), t, b).view(y.shape)
-        ctx.save_for_backward(x if x_lora is None else None, x_lora, a, b, t, seed, row)
+        ctx.save_for_backward(x if x_lora is None else None, x_lora, bits, a, b, t, seed, row)
         ctx.p, ctx.backend_name, ctx.ranks = p, backend_name, ranks
         ctx.a_dtypes, ctx.b_dtypes = [a_i.dtype for a_i in As], [b_i.dtype for b_i in Bs]
         return out
@@ -178,7 +195,7 @@ class FusedLoRAAddFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, x_lora, a, b, t, seed, row = ctx.saved_tensors
+        x, x_lora, bits, a, b, t, seed, row = ctx.saved_tensors
         levels = len(ctx.ranks)
         need_x = ctx.needs_input_grad[1]
         need_as, need_bs = ctx.needs_input_grad[6 : 6 + levels], ctx.needs_input_grad[6 + levels :]
@@ -193,5 +210,5 @@ class FusedLoRAAddFunction(torch.autograd.Function):
                     # Only the adapter's term: the base layer's autograd adds its own.
                     lora = dt.mm(a.t())
                     dx = ops.dropout(lora, ctx.p, seed) if ctx.p > 0 else lora
-                da_levels, db_levels = _factor_grads(ctx, ops, x, x_lora, dt, db, seed, row, need_as, need_bs)
+                da_levels, db_levels = _factor_grads(ctx, ops, x, x_lora, bits, dt, db, seed, row, need_as, need_bs)
         return (dy, dx, None, None, None, None, *da_levels, *db_levels)

@@ -30,6 +30,7 @@ class Backend:
     why_not: Callable[[str], list]  # reasons it cannot run on a device type; empty when it can
     # Capabilities.
     keeps_dropped_input: bool = False  # the forward keeps dropout(x) for dA instead of regenerating the mask
+    keeps_mask_bits: bool = False  # the forward keeps the mask packed (shrink_keep_mask) for dx and dA
     one_pass_forward: Callable[[int], bool] = lambda total_rank: False  # shrink_expand_linear for this rank
     gemm_library: Callable[[], str] = lambda: "ATen"  # who runs its GEMMs, in words
 
@@ -144,7 +145,7 @@ BACKENDS = {
                 _native_why_not("CUDA", "cuda"),
                 gemm_library=lambda: f"frozen GEMMs on cuBLAS, rank-R products: {cuda_skinny_library()}"),
         Backend("triton", "the Triton kernels (triton_kernels/)", ("cuda", "cpu"), _GPU_DTYPES, _triton_ops,
-                _triton_why_not, one_pass_forward=_triton_one_pass,
+                _triton_why_not, one_pass_forward=_triton_one_pass, keeps_mask_bits=True,
                 gemm_library=lambda: f"frozen GEMMs fused in Triton or on cuBLAS (triton_gemm="
                                      f"{settings.get('triton_gemm')}; {len(triton_gemm_choices())} chosen so far), "
                                      f"rank-R products in Triton, forward {settings.get('triton_forward')}"),
@@ -220,6 +221,7 @@ def backend_info() -> dict:
             "available": {d: not b.why_not(d) for d in devices},
             "why_not": {d: b.why_not(d) for d in devices if b.why_not(d)},
             "keeps_dropped_input": b.keeps_dropped_input,
+            "keeps_mask_bits": b.keeps_mask_bits,
             "one_pass_forward": b.one_pass_forward(1),
             "gemm_library": b.gemm_library(),
         }

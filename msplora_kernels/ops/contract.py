@@ -24,6 +24,13 @@ class OpSpec:
     outputs: tuple  # each output's shape in named sizes
     math: str
     required: bool = True  # False: only backends with the matching capability provide it
+    mask_inputs: dict = dataclasses.field(default_factory=dict)  # int32 packed-mask tensor argument -> shape
+    mask_outputs: tuple = ()  # indices of the outputs that are int32 packed masks
+
+
+# W = ceil(K / 32): a packed mask holds bit k % 32 of word k // 32 per row, set where dropout keeps
+# element k of that row (bits past K are 0).
+MASK_WORD_BITS = 32
 
 
 OPS = (
@@ -48,6 +55,17 @@ OPS = (
            "(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, float p, Tensor seed) -> (Tensor, Tensor)",
            {"x": ("M", "K"), "weight": ("N", "K"), "bias": ("N",), "a": ("K", "R"), "b": ("R", "N")},
            (("M", "N"), ("M", "R")), "(y, T) with T = dropout(x) a, y = x weight^T + bias + T b", required=False),
+    # One mask pass: the forward's shrink packs the mask it draws, and the backward reads it
+    # instead of hashing every element again (the keeps_mask_bits capability).
+    OpSpec("shrink_keep_mask", "(Tensor x, Tensor a, float p, Tensor seed) -> (Tensor, Tensor)",
+           {"x": ("M", "K"), "a": ("K", "R")}, (("M", "R"), ("M", "W")), "(T, bits): T = dropout(x) a, bits its mask",
+           required=False, mask_outputs=(1,)),
+    OpSpec("grad_x_bits", "(Tensor dy, Tensor weight, Tensor dt, Tensor a, Tensor bits, float p) -> Tensor",
+           {"dy": ("M", "N"), "weight": ("N", "K"), "dt": ("M", "R"), "a": ("K", "R")}, (("M", "K"),),
+           "dx = dy weight + mask(bits) * (dt a^T)", required=False, mask_inputs={"bits": ("M", "W")}),
+    OpSpec("grad_a_bits", "(Tensor x, Tensor dt, Tensor bits, float p) -> Tensor",
+           {"x": ("M", "K"), "dt": ("M", "R")}, (("K", "R"),), "dA = (mask(bits) * x)^T dt", required=False,
+           mask_inputs={"bits": ("M", "W")}),
 )
 SPECS = {spec.name: spec for spec in OPS}
 REQUIRED = tuple(spec.name for spec in OPS if spec.required)
@@ -85,12 +103,23 @@ def bind(name: str, args) -> dict:
                                    if isinstance(v, torch.Tensor) and k in spec.inputs)
                 raise ValueError(f"msplora op {name}: {arg} has {dim} = {size} but another argument has "
                                  f"{dim} = {sizes[dim]} ({shapes})")
+    for arg, dims in spec.mask_inputs.items():
+        t = values[arg]
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != len(dims):
+            got = (t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"msplora op {name}: {arg} must be a 2-D int32 packed mask {dims}, got {got}")
+        want = (sizes["M"], -(-sizes["K"] // MASK_WORD_BITS))
+        if tuple(t.shape) != want or t.device != first[1].device:
+            raise ValueError(f"msplora op {name}: {arg} must have shape (M, ceil(K / 32)) = {want} on "
+                             f"{first[1].device}, got {tuple(t.shape)} on {t.device}")
+    if spec.mask_inputs or spec.mask_outputs:
+        sizes["W"] = -(-sizes["K"] // MASK_WORD_BITS)
     if "p" in values:
         p = values["p"]
         if not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
             raise ValueError(f"msplora op {name}: p must be in [0, 1), got {p!r}")
-        seed = values["seed"]
-        if p > 0 and not (isinstance(seed, torch.Tensor) and seed.numel() == 1 and seed.dtype == torch.int64):
+        seed = values.get("seed")
+        if "seed" in values and p > 0 and not (isinstance(seed, torch.Tensor) and seed.numel() == 1 and seed.dtype == torch.int64):
             got = (seed.dtype, tuple(seed.shape)) if isinstance(seed, torch.Tensor) else type(seed).__name__
             raise ValueError(f"msplora op {name}: seed must be an int64 tensor of one element when p > 0, got {got}")
     return sizes
@@ -100,5 +129,7 @@ def empty_outputs(name: str, args):
     """New row-major outputs of the contract's shapes, like the first tensor input: the fake kernels."""
     sizes = bind(name, args)
     like = next(a for a in args if isinstance(a, torch.Tensor))
-    outs = tuple(like.new_empty(tuple(sizes[d] for d in dims)) for dims in SPECS[name].outputs)
+    spec = SPECS[name]
+    outs = tuple(like.new_empty(tuple(sizes[d] for d in dims), dtype=torch.int32 if i in spec.mask_outputs else None)
+                 for i, dims in enumerate(spec.outputs))
     return outs[0] if len(outs) == 1 else outs

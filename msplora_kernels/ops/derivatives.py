@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from .reference import dropout_mask
+from .reference import dropout_mask, unpack_mask
 
 
 def _masked(t, p, seed):
     return t * dropout_mask(t, p, seed) if p > 0 else t
+
+
+def _masked_bits(t, p, bits):
+    # The same multiplier, read from a packed mask (contract.py) instead of the seed.
+    return t * unpack_mask(bits, t.shape[1]).to(t.dtype) * (1.0 / (1.0 - p)) if p > 0 else t
 
 
 def _zeros_if_none(g, *shape, like):
@@ -56,19 +61,29 @@ def _grad_t_b(ctx, g_dt, g_db):
             g_dt.T @ dy if need[2] else None)
 
 
-def _grad_x(ctx, g):
-    dy, weight, dt, a, seed = ctx.saved_tensors
-    gm = _masked(g, ctx.p, seed)
+def _grad_x_under(ctx, g, masked):
+    # grad_x's derivative, the mask applied by `masked` (from the seed or from packed bits).
+    dy, weight, dt, a, _ = ctx.saved_tensors
+    gm = masked(g)
     need = ctx.needs_input_grad
     return (g @ weight.T if need[0] else None, dy.T @ g if need[1] else None,
             gm @ a if need[2] else None, gm.T @ dt if need[3] else None, None, None)
 
 
-def _grad_a(ctx, g):
-    x, dt, seed = ctx.saved_tensors
+def _grad_a_under(ctx, g, masked):
+    x, dt, _ = ctx.saved_tensors
     need = ctx.needs_input_grad
-    return (_masked(dt @ g.T, ctx.p, seed) if need[0] else None,
-            _masked(x, ctx.p, seed) @ g if need[1] else None, None, None)
+    return (masked(dt @ g.T) if need[0] else None, masked(x) @ g if need[1] else None, None, None)
+
+
+def _grad_x(ctx, g):
+    seed = ctx.saved_tensors[-1]
+    return _grad_x_under(ctx, g, lambda t: _masked(t, ctx.p, seed))
+
+
+def _grad_a(ctx, g):
+    seed = ctx.saved_tensors[-1]
+    return _grad_a_under(ctx, g, lambda t: _masked(t, ctx.p, seed))
 
 
 def _dropout(ctx, g):
@@ -90,6 +105,21 @@ def _shrink_expand_linear(ctx, g_y, g_t):
             t.T @ g_y if need[4] else None, None, None)
 
 
+def _shrink_keep_mask(ctx, dt, g_bits):
+    x, a, _ = ctx.saved_tensors
+    return _shrink(ctx, _zeros_if_none(dt, x.shape[0], a.shape[1], like=x))
+
+
+def _grad_x_bits(ctx, g):
+    bits = ctx.saved_tensors[-1]
+    return _grad_x_under(ctx, g, lambda t: _masked_bits(t, ctx.p, bits))
+
+
+def _grad_a_bits(ctx, g):
+    bits = ctx.saved_tensors[-1]
+    return _grad_a_under(ctx, g, lambda t: _masked_bits(t, ctx.p, bits))
+
+
 # op name -> (backward, the inputs it saves, the index of p, the output it saves)
 FORMULAS = {
     "shrink": (_shrink, (0, 1, 3), 2, None),
@@ -100,6 +130,9 @@ FORMULAS = {
     "dropout_mask": (_dropout_mask, (), 1, None),
     "dropout": (_dropout, (2,), 1, None),
     "shrink_expand_linear": (_shrink_expand_linear, (0, 1, 3, 4, 6), 5, 1),
+    "shrink_keep_mask": (_shrink_keep_mask, (0, 1, 3), 2, None),
+    "grad_x_bits": (_grad_x_bits, (0, 1, 2, 3, 4), 5, None),
+    "grad_a_bits": (_grad_a_bits, (0, 1, 2), 3, None),
 }
 
 

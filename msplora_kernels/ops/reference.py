@@ -127,3 +127,42 @@ def grad_a(x, dt, p, seed):
 def shrink_expand_linear(x, weight, bias, a, b, p, seed):
     t = shrink(x, a, p, seed)
     return expand_linear(x, weight, bias, t, b), t
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """(M, K) bool -> (M, ceil(K / 32)) int32: bit k % 32 of word k // 32 is keep[:, k] (contract.py)."""
+    m, k = keep.shape
+    words = -(-k // 32)
+    padded = torch.zeros(m, words * 32, dtype=torch.int64, device=keep.device)
+    padded[:, :k] = keep.to(torch.int64)
+    weights = torch.ones(32, dtype=torch.int64, device=keep.device) << torch.arange(32, device=keep.device)
+    packed = (padded.view(m, words, 32) * weights).sum(-1)
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+
+
+def unpack_mask(bits: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of pack_mask: (M, W) int32 -> (M, k) bool."""
+    shifts = torch.arange(32, device=bits.device)
+    return ((bits.to(torch.int64)[:, :, None] >> shifts) & 1).view(bits.shape[0], -1)[:, :k].bool()
+
+
+def _from_bits(t, bits, p):
+    # dropout(t) with the mask the bits hold: multiplied in fp32 (fp64 for fp64), rounded once.
+    compute = torch.float64 if t.dtype == torch.float64 else torch.float32
+    keep = unpack_mask(bits, t.shape[1]).to(compute) * (1.0 / (1.0 - p))
+    return (t.to(compute) * keep).to(t.dtype)
+
+
+def shrink_keep_mask(x, a, p, seed):
+    keep = keep_flags(seed, x.shape[0], x.shape[1], p, x.device) if p > 0 else torch.ones_like(x, dtype=torch.bool)
+    return shrink(x, a, p, seed), pack_mask(keep)
+
+
+def grad_x_bits(dy, weight, dt, a, bits, p):
+    lora = dt @ a.T
+    return dy @ weight + (_from_bits(lora, bits, p) if p > 0 else lora)
+
+
+def grad_a_bits(x, dt, bits, p):
+    return (_from_bits(x, bits, p) if p > 0 else x).T @ dt
+
