@@ -193,8 +193,8 @@ def uses_dot(fn) -> bool:
 
 def expects_tensor_cores(constexprs: dict, signature: dict) -> bool:
     """A dot in fp16/bf16, or fp32 under TF32, should run on tensor cores; IEEE fp32 cannot."""
-    dtypes = {v for v in signature.values() if isinstance(v, str) and v.startswith("*")}
-    return not ({"*fp32"} >= dtypes - {"*i64"} and "ieee" in constexprs.values())
+    dtypes = {v for v in signature.values() if isinstance(v, str) and v.startswith("*fp")}  # seeds, masks: ints
+    return not (dtypes == {"*fp32"} and "ieee" in constexprs.values())
 
 
 def compile_record(fn, args, kwargs, arch: int, registers: bool) -> dict:

@@ -137,6 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "tile_table.py"))
     ap.add_argument("--kernels", nargs="+", default=list(configs.GEMM_KERNELS + configs.SKINNY_KERNELS),
                     help="retune these only; the other keys of --out are kept")
+    ap.add_argument("--only-empty", action="store_true", help="retune only the keys of --out that have no tile")
     args = ap.parse_args(argv)
     if configs.interpreting():
         raise SystemExit("tune_tiles: unset TRITON_INTERPRET; the interpreter does not compile kernels")
@@ -145,6 +146,8 @@ def main(argv=None) -> int:
     _ITEMS[:] = [item for arch in ARCHS for item in _keyed_launches(arch).items() if item[0][0] in args.kernels]
     table, empty = _existing(args.out), []
     _CURRENT.update(table)
+    if args.only_empty:
+        _ITEMS[:] = [item for item in _ITEMS if not table.get(item[0])]
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
         for key, kept, rejected in tqdm(pool.imap_unordered(tune_key, range(len(_ITEMS))), total=len(_ITEMS),
                                         desc="tune tiles",
