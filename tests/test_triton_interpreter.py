@@ -158,3 +158,19 @@ def test_autotuning_is_keyed_by_a_token_bucket_not_every_token_count(monkeypatch
     for m in (100, 120, 128, 129):
         launchers.expand_linear(torch.randn(m, 40), w, bias, torch.randn(m, 6), b)
     assert keys[0] == keys[1] == keys[2] == (128, 24, 40, 6) and keys[3] == (256, 24, 40, 6)
+
+
+def test_alignment_is_judged_without_a_data_pointer():
+    # The tile table's "aligned" key: widths and strides multiples of 16 and 16-byte-aligned
+    # bases, judged from strides and storage offsets, so that fake tensors (torch.compile) work.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from msplora_kernels.triton_kernels.configs import is_aligned
+
+    x = torch.empty(64, 96, dtype=torch.bfloat16)
+    assert is_aligned((96,), (x,)) and not is_aligned((95,), (x,))
+    assert not is_aligned((64,), (x[:, 1:65],))  # a 2-byte offset
+    assert is_aligned((64,), (x[:, 8:72],)) and not is_aligned((96,), (torch.empty(64, 100)[:, :96],))
+    with FakeTensorMode():
+        fake = torch.empty(64, 96, dtype=torch.bfloat16)
+        assert is_aligned((96,), (fake,)) and not is_aligned((64,), (fake[:, 1:65],))

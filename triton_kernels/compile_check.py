@@ -162,6 +162,13 @@ def _ptxas() -> str | None:
     return None
 
 
+def ptxas_version() -> str | None:
+    ptxas = _ptxas()
+    if ptxas is None:
+        return None
+    return subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+
+
 def register_report(ptx: str, arch: int) -> dict:
     """Registers and spill bytes per thread, from ptxas -v on the kernel's PTX (the compiled kernel
     reports them only once loaded on a GPU). Empty if ptxas is missing or rejects the PTX."""
@@ -308,8 +315,8 @@ def main(argv=None) -> int:
         import triton
 
         with open(args.json, "w") as f:
-            json.dump({"archs": args.arch, "triton": triton.__version__, "records": records, "problems": problems},
-                      f, indent=1)
+            json.dump({"archs": args.arch, "triton": triton.__version__, "ptxas": ptxas_version(),
+                       "records": records, "problems": problems}, f, indent=1)
     for p in problems:
         print("PROBLEM:", p)
     print(f"{len(records)} launches compiled, {len(problems)} problems")

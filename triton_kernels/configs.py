@@ -70,9 +70,12 @@ def rank_class(block_r: int) -> str:
 
 def is_aligned(sizes, tensors) -> bool:
     """What the JIT's 16-divisibility hints need for vector loads: the widths and every stride
-    above 1 multiples of 16 elements, and every base address 16-byte aligned."""
+    above 1 multiples of 16 elements, and every base address 16-byte aligned. The address is
+    judged by the storage offset (torch's allocators align every allocation to far more than 16
+    bytes), which a fake tensor under torch.compile has too, unlike a data pointer."""
     return all(s % 16 == 0 for s in sizes) and all(
-        t.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in t.stride() if st != 1) for t in tensors)
+        t.storage_offset() * t.element_size() % 16 == 0 and all(st % 16 == 0 for st in t.stride() if st != 1)
+        for t in tensors)
 
 
 def table_arch(arch: int) -> int:
