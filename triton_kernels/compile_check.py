@@ -189,9 +189,12 @@ def register_report(ptx: str, arch: int) -> dict:
 
 
 def instruction_counts(ptx: str) -> dict:
-    """Tensor-core instructions (wgmma, mma) and memory fences (membar, fence) in the PTX."""
+    """Tensor-core instructions (wgmma, mma) and fences in the PTX: memory-ordering ones (membar,
+    fence.sc, fence.acq_rel: what an acquire-release atomic brings) apart from the proxy fences
+    that order shared-memory writes before a wgmma reads them."""
     return {"wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)), "mma": len(re.findall(r"\bmma\.sync", ptx)),
-            "fences": len(re.findall(r"\b(membar|fence)\.", ptx))}
+            "fences": len(re.findall(r"\b(membar\.|fence\.(sc|acq_rel))", ptx)),
+            "proxy_fences": len(re.findall(r"\bfence\.proxy", ptx))}
 
 
 def uses_dot(fn) -> bool:
@@ -250,7 +253,7 @@ def launch_plan(dtypes, arch: int) -> list[tuple]:
     return plan
 
 
-def run(dtypes, arch: int, progress=True, registers=True) -> tuple[list[dict], list[str]]:
+def run(dtypes, arch: int, progress=True, registers=True, kernels=None) -> tuple[list[dict], list[str]]:
     """Compile every distinct launch; returns the records and the problems found."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_check: unset TRITON_INTERPRET; the interpreter does not compile kernels")
@@ -258,7 +261,8 @@ def run(dtypes, arch: int, progress=True, registers=True) -> tuple[list[dict], l
 
     limit = SHARED_LIMIT.get(arch, 99 * 1024)  # from configs
     records, problems = [], []
-    plan = launch_plan(dtypes, arch)
+    plan = [launch for launch in launch_plan(dtypes, arch)
+            if kernels is None or launch[2].__name__.replace("_kernel", "") in kernels]
     for dtype, shape, fn, args, kw in tqdm(plan, desc=f"compile sm_{arch}", unit="launch", disable=not progress,
                                            file=sys.stderr):
         config = {k: v for k, v in kw.items() if k.startswith("BLOCK") or k in ("GROUP_M", "num_warps", "num_stages",
@@ -298,10 +302,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     ap.add_argument("--json", default=None, help="write every launch's record here")
     ap.add_argument("--no-registers", action="store_true", help="skip ptxas -v (registers and spills)")
+    ap.add_argument("--kernels", nargs="+", default=None, help="only these kernels (default: all)")
     args = ap.parse_args(argv)
     records, problems = [], []
     for arch in args.arch:
-        r, p = run(args.dtypes, arch, registers=not args.no_registers)
+        r, p = run(args.dtypes, arch, registers=not args.no_registers, kernels=args.kernels)
         records += r
         problems += p
     for r in records:
