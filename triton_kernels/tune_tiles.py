@@ -73,6 +73,7 @@ def _passes(rec: dict) -> bool:
 
 _ITEMS = []  # the keyed launches; forked workers inherit them (kernels and tensors do not pickle)
 _CURRENT = {}  # the table being refreshed
+_VERIFY_ONLY = []  # non-empty: only the current tiles are tried
 
 
 def _why_not(name, arch, fn, args, kwargs, tile):
@@ -100,7 +101,7 @@ def tune_key(index: int) -> tuple:
     current = _CURRENT.get(key, [])
     wanted = configs.AUTOTUNE_SIZE if gemm else 1
     kept, rejected = [], []
-    for tile in current + [c for c in candidates if c not in current]:
+    for tile in current + ([] if _VERIFY_ONLY else [c for c in candidates if c not in current]):
         why = next(filter(None, (_why_not(name, arch, *launch, tile) for launch in launches)), None)
         if why is None:
             kept.append(tile)
@@ -122,7 +123,7 @@ def _existing(path: str) -> dict:
 def write_table(table: dict, path: str) -> None:
     import triton
 
-    lines = [f"# Written by tune_tiles.py (triton {triton.__version__}, ptxas from triton); see configs.py.",
+    lines = [f"# Written by tune_tiles.py (last run: triton {triton.__version__}, ptxas from triton); see configs.py.",
              "# (kernel, arch, precision class, aligned, dropout, rank class): tiles that fit unspilled,",
              "# most preferred first.", "TILES = {"]
     lines += [f"    {key!r}: {tiles!r}," for key, tiles in sorted(table.items(), key=repr)]
@@ -138,6 +139,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", nargs="+", default=list(configs.GEMM_KERNELS + configs.SKINNY_KERNELS),
                     help="retune these only; the other keys of --out are kept")
     ap.add_argument("--only-empty", action="store_true", help="retune only the keys of --out that have no tile")
+    ap.add_argument("--verify", action="store_true",
+                    help="try no new candidates: keep the tiles of --out that pass with this triton (run it under "
+                         "each triton version the table must serve, after tuning under one)")
     args = ap.parse_args(argv)
     if configs.interpreting():
         raise SystemExit("tune_tiles: unset TRITON_INTERPRET; the interpreter does not compile kernels")
@@ -146,6 +150,8 @@ def main(argv=None) -> int:
     _ITEMS[:] = [item for arch in ARCHS for item in _keyed_launches(arch).items() if item[0][0] in args.kernels]
     table, empty = _existing(args.out), []
     _CURRENT.update(table)
+    if args.verify:
+        _VERIFY_ONLY.append(True)
     if args.only_empty:
         _ITEMS[:] = [item for item in _ITEMS if not table.get(item[0])]
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
