@@ -15,6 +15,8 @@ import os
 import torch
 import triton
 
+from .tile_table import TILES
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -95,8 +97,6 @@ def gemm_tiles(kernel: str, arch: int, cls: str, aligned: bool, dropout: bool, b
     gets its family's, less the tiles whose buffers exceed its shared memory."""
     if interpreting():
         return [(32, 32, 32, 4, 1)]
-    from .tile_table import TILES
-
     key = (kernel, table_arch(arch), cls, aligned, dropout, rank_class(block_r))
     tiles = TILES.get(key) or [GEMM_CANDIDATES["wide"][-1]]  # unseen key: the smallest tile
     if arch not in (80, 90):
@@ -110,8 +110,6 @@ def skinny_tile(kernel: str, arch: int, cls: str, aligned: bool, dropout: bool, 
     """(BLOCK_M, BLOCK_WIDE, num_warps, num_stages) of a skinny kernel's launch."""
     if interpreting():
         return 32, 32, 4, 1
-    from .tile_table import TILES
-
     key = (kernel, table_arch(arch), cls, aligned, dropout, rank_class(block_r))
     return (TILES.get(key) or [SKINNY_CANDIDATES[-1]])[0]
 

@@ -142,7 +142,7 @@ frozen_mm, frozen_addmm, accumulate_mm = torch.mm, torch.addmm, torch.Tensor.add
 
 
 def _path_key(op, like, p, M, N, K, R) -> tuple:
-    return (op, like.device, like.dtype, _dot_precision() if like.dtype == torch.float32 else "-", p > 0,
+    return (op, like.device, like.dtype, precision_class(like.dtype, torch.backends.cuda.matmul.allow_tf32), p > 0,
             m_bucket(M), N, K, R)
 
 

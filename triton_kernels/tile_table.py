@@ -1,4 +1,5 @@
-# Written by tune_tiles.py under triton 3.9.0 and 3.6.0 (tuned, then --verify under the other); see configs.py.
+# Written by tune_tiles.py (last run under triton 3.9.0); see configs.py. Served triton
+# versions: 3.9 and 3.6, each tile passing under both (tune under one, then --verify under the other).
 # (kernel, arch, precision class, aligned, dropout, rank class): tiles that fit unspilled,
 # most preferred first.
 TILES = {

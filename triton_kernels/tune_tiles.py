@@ -73,7 +73,7 @@ def _passes(rec: dict) -> bool:
 
 _ITEMS = []  # the keyed launches; forked workers inherit them (kernels and tensors do not pickle)
 _CURRENT = {}  # the table being refreshed
-_VERIFY_ONLY = []  # non-empty: only the current tiles are tried
+_VERIFY_ONLY = False  # only the current tiles are tried (--verify)
 
 
 def _why_not(name, arch, fn, args, kwargs, tile):
@@ -123,7 +123,8 @@ def _existing(path: str) -> dict:
 def write_table(table: dict, path: str) -> None:
     import triton
 
-    lines = [f"# Written by tune_tiles.py (last run: triton {triton.__version__}, ptxas from triton); see configs.py.",
+    lines = [f"# Written by tune_tiles.py (last run under triton {triton.__version__}); see configs.py. Served triton",
+             "# versions: 3.9 and 3.6, each tile passing under both (tune under one, then --verify under the other).",
              "# (kernel, arch, precision class, aligned, dropout, rank class): tiles that fit unspilled,",
              "# most preferred first.", "TILES = {"]
     lines += [f"    {key!r}: {tiles!r}," for key, tiles in sorted(table.items(), key=repr)]
@@ -133,6 +134,7 @@ def write_table(table: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
+    global _VERIFY_ONLY
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "tile_table.py"))
@@ -150,8 +152,7 @@ def main(argv=None) -> int:
     _ITEMS[:] = [item for arch in ARCHS for item in _keyed_launches(arch).items() if item[0][0] in args.kernels]
     table, empty = _existing(args.out), []
     _CURRENT.update(table)
-    if args.verify:
-        _VERIFY_ONLY.append(True)
+    _VERIFY_ONLY = args.verify
     if args.only_empty:
         _ITEMS[:] = [item for item in _ITEMS if not table.get(item[0])]
     with multiprocessing.get_context("fork").Pool(args.jobs) as pool:

@@ -110,15 +110,24 @@ def _factor_grads(ctx, ops, x, x_lora, bits, dt, db, seed, row, need_as, need_bs
     return da_levels, db_levels
 
 
+def _levels(factors, scales, backend_name):
+    """A call's factors as (As, Bs), its backend, and the scale row of its levels."""
+    levels = len(factors) // 2
+    As, Bs = factors[:levels], factors[levels:]
+    return As, Bs, BACKENDS[backend_name], _scale_row(scales, tuple(a_i.shape[1] for a_i in As), As[0])
+
+
+def _remember(ctx, p, backend_name, As, Bs):
+    # What the backward needs besides tensors: dropout, backend, and each level's rank and dtypes.
+    ctx.p, ctx.backend_name, ctx.ranks = p, backend_name, tuple(a_i.shape[1] for a_i in As)
+    ctx.a_dtypes, ctx.b_dtypes = [a_i.dtype for a_i in As], [b_i.dtype for b_i in Bs]
+
+
 class FusedMSPLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p: float, seed, backend_name: str, scales, *factors):
-        levels = len(factors) // 2
-        As, Bs = factors[:levels], factors[levels:]
-        backend = BACKENDS[backend_name]
-        ops = backend.ops
-        ranks = tuple(a_i.shape[1] for a_i in As)
-        row = _scale_row(scales, ranks, As[0])
+        As, Bs, backend, row = _levels(factors, scales, backend_name)
+        levels, ops = len(As), backend.ops
         x_lora = bits = None  # dropout(x) or the packed mask, when one is kept for the backward
         need_as = ctx.needs_input_grad[7 : 7 + levels]
         with _below_autograd():
@@ -132,8 +141,7 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
         # x itself is needed again only for a trained base weight's gradient.
         x_saved = x if x_lora is None or ctx.needs_input_grad[1] else None
         ctx.save_for_backward(x_saved, x_lora, bits, weight, a, b, t, seed, row)
-        ctx.p, ctx.backend_name, ctx.ranks = p, backend_name, ranks
-        ctx.a_dtypes, ctx.b_dtypes = [a_i.dtype for a_i in As], [b_i.dtype for b_i in Bs]
+        _remember(ctx, p, backend_name, As, Bs)
         return y
 
     @staticmethod
@@ -170,16 +178,13 @@ class FusedLoRAAddFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, x, p: float, seed, backend_name: str, scales, *factors):
-        levels = len(factors) // 2
-        As, Bs = factors[:levels], factors[levels:]
-        backend = BACKENDS[backend_name]
-        ops = backend.ops
-        ranks = tuple(a_i.shape[1] for a_i in As)
-        row = _scale_row(scales, ranks, As[0])
+        As, Bs, backend, row = _levels(factors, scales, backend_name)
+        levels, ops = len(As), backend.ops
         with _below_autograd():
             a, b = _joined(As, Bs, row, x.dtype)
             need_as = ctx.needs_input_grad[6 : 6 + levels]
-            t, x_lora, bits = _shrink(ops, backend, x, a, p, seed, need_as, ctx.needs_input_grad[1] or any(need_as))
+            # The packed mask serves dA only: dx's adapter term is masked by ops.dropout below.
+            t, x_lora, bits = _shrink(ops, backend, x, a, p, seed, need_as, any(need_as))
             y2d = y.view(-1, y.shape[-1]) if y.is_contiguous() else None
             if y2d is not None and y._base is None and not (y.is_leaf and y.requires_grad):
                 y2d.addmm_(t, b)
@@ -188,8 +193,7 @@ class FusedLoRAAddFunction(torch.autograd.Function):
             else:
                 out = torch.addmm(y.reshape(-1, y.shape[-1]), t, b).view(y.shape)
         ctx.save_for_backward(x if x_lora is None else None, x_lora, bits, a, b, t, seed, row)
-        ctx.p, ctx.backend_name, ctx.ranks = p, backend_name, ranks
-        ctx.a_dtypes, ctx.b_dtypes = [a_i.dtype for a_i in As], [b_i.dtype for b_i in Bs]
+        _remember(ctx, p, backend_name, As, Bs)
         return out
 
     @staticmethod

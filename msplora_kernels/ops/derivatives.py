@@ -61,29 +61,29 @@ def _grad_t_b(ctx, g_dt, g_db):
             g_dt.T @ dy if need[2] else None)
 
 
-def _grad_x_under(ctx, g, masked):
-    # grad_x's derivative, the mask applied by `masked` (from the seed or from packed bits).
-    dy, weight, dt, a, _ = ctx.saved_tensors
-    gm = masked(g)
+def _mask_of(ctx, source):
+    """The multiplier dropout applied, from what the op was given: a seed (int64, one element)
+    or the forward's packed mask (int32, contract.py)."""
+    if source.dtype == torch.int32:
+        return lambda t: _masked_bits(t, ctx.p, source)
+    return lambda t: _masked(t, ctx.p, source)
+
+
+def _grad_x(ctx, g):
+    # grad_x and grad_x_bits: dx = dy W + mask * (dt a^T), the mask from a seed or from bits.
+    dy, weight, dt, a, source = ctx.saved_tensors
+    gm = _mask_of(ctx, source)(g)
     need = ctx.needs_input_grad
     return (g @ weight.T if need[0] else None, dy.T @ g if need[1] else None,
             gm @ a if need[2] else None, gm.T @ dt if need[3] else None, None, None)
 
 
-def _grad_a_under(ctx, g, masked):
-    x, dt, _ = ctx.saved_tensors
+def _grad_a(ctx, g):
+    # grad_a and grad_a_bits.
+    x, dt, source = ctx.saved_tensors
+    masked = _mask_of(ctx, source)
     need = ctx.needs_input_grad
     return (masked(dt @ g.T) if need[0] else None, masked(x) @ g if need[1] else None, None, None)
-
-
-def _grad_x(ctx, g):
-    seed = ctx.saved_tensors[-1]
-    return _grad_x_under(ctx, g, lambda t: _masked(t, ctx.p, seed))
-
-
-def _grad_a(ctx, g):
-    seed = ctx.saved_tensors[-1]
-    return _grad_a_under(ctx, g, lambda t: _masked(t, ctx.p, seed))
 
 
 def _dropout(ctx, g):
@@ -110,16 +110,6 @@ def _shrink_keep_mask(ctx, dt, g_bits):
     return _shrink(ctx, _zeros_if_none(dt, x.shape[0], a.shape[1], like=x))
 
 
-def _grad_x_bits(ctx, g):
-    bits = ctx.saved_tensors[-1]
-    return _grad_x_under(ctx, g, lambda t: _masked_bits(t, ctx.p, bits))
-
-
-def _grad_a_bits(ctx, g):
-    bits = ctx.saved_tensors[-1]
-    return _grad_a_under(ctx, g, lambda t: _masked_bits(t, ctx.p, bits))
-
-
 # op name -> (backward, the inputs it saves, the index of p, the output it saves)
 FORMULAS = {
     "shrink": (_shrink, (0, 1, 3), 2, None),
@@ -131,8 +121,8 @@ FORMULAS = {
     "dropout": (_dropout, (2,), 1, None),
     "shrink_expand_linear": (_shrink_expand_linear, (0, 1, 3, 4, 6), 5, 1),
     "shrink_keep_mask": (_shrink_keep_mask, (0, 1, 3), 2, None),
-    "grad_x_bits": (_grad_x_bits, (0, 1, 2, 3, 4), 5, None),
-    "grad_a_bits": (_grad_a_bits, (0, 1, 2), 3, None),
+    "grad_x_bits": (_grad_x, (0, 1, 2, 3, 4), 5, None),
+    "grad_a_bits": (_grad_a, (0, 1, 2), 3, None),
 }
 
 
