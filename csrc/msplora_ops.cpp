@@ -30,4 +30,15 @@ TORCH_LIBRARY(msplora, m) {
   // dropout(x) itself, the input shrink would compute T from: for a backward that keeps it to
   // reuse for dA (p = 0 there) instead of regenerating the mask. A copy even when p = 0.
   m.def("dropout(Tensor x, float p, Tensor seed) -> Tensor");
+  // Optional ops (CPU kernels only): one mask pass. The forward packs the mask it draws, as
+  // (M, ceil(K / 32)) int32 words, bit k % 32 of word k / 32 set where element k of a row is kept,
+  // and the backward reads those bits instead of hashing again.
+  // (dropout(x), its mask packed)
+  m.def("dropout_keep_mask(Tensor x, float p, Tensor seed) -> (Tensor, Tensor)");
+  // (T = dropout(x) @ a, the mask packed)
+  m.def("shrink_keep_mask(Tensor x, Tensor a, float p, Tensor seed) -> (Tensor, Tensor)");
+  // dx = dy @ weight + mask(bits) * (dt @ a^T)
+  m.def("grad_x_bits(Tensor dy, Tensor weight, Tensor dt, Tensor a, Tensor bits, float p) -> Tensor");
+  // dA = (mask(bits) * x)^T @ dt
+  m.def("grad_a_bits(Tensor x, Tensor dt, Tensor bits, float p) -> Tensor");
 }

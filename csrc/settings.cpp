@@ -28,7 +28,7 @@ int parse(const std::string& name, const std::string& value) {
     TORCH_CHECK(false, "msplora: unknown setting '", name, "'; the compiled ones are cpu_gemm and cuda_skinny");
   }
   TORCH_CHECK(false, "msplora: setting ", name, " cannot be '", value,
-              "' (cpu_gemm: auto, aten, onednn, aten:plain, aten:transposed, onednn:plain or onednn:transposed; "
+              "' (cpu_gemm: auto, aten, onednn, aten:plain, aten:transposed, onednn:plain, onednn:transposed or fused; "
               "cuda_skinny: auto, kernels or cublas)");
 }
 

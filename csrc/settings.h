@@ -9,7 +9,8 @@
 namespace msplora {
 
 // Which GEMMs the cpp backend may run (cpu/gemms.h): every candidate, timed per shape class
-// (kAuto), one library's, or one fixed library and orientation.
+// (kAuto), one library's, one fixed library and orientation, or our fused kernel for the
+// products that write a whole (M, N) tensor (cpu/fused_expand.h; ATen for the others).
 enum class CpuGemm : int {
   kAuto = 0,
   kAten,
@@ -17,10 +18,11 @@ enum class CpuGemm : int {
   kAtenPlain,
   kAtenTransposed,
   kOneDnnPlain,
-  kOneDnnTransposed
+  kOneDnnTransposed,
+  kFused
 };
 inline constexpr const char* kCpuGemmNames[] = {"auto", "aten", "onednn", "aten:plain", "aten:transposed",
-                                                "onednn:plain", "onednn:transposed"};
+                                                "onednn:plain", "onednn:transposed", "fused"};
 // Who runs the cuda backend's rank-R products (cuda/msplora_cuda.cpp): ours up to a total
 // rank of 64 and cuBLAS beyond (kAuto), or always one of them.
 enum class CudaSkinny : int { kAuto = 0, kKernels = 1, kCublas = 2 };

@@ -24,8 +24,12 @@ inline void check_dim(int64_t got, int64_t want, const char* what) {
   TORCH_CHECK(got == want, "msplora: ", what, " mismatch: ", got, " vs ", want);
 }
 
-inline void check_dropout(double p, const at::Tensor& seed) {
+inline void check_p(double p) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "msplora: dropout p must be in [0, 1), got ", p);
+}
+
+inline void check_dropout(double p, const at::Tensor& seed) {
+  check_p(p);
   if (p > 0.0) {
     TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong,
                 "msplora: seed must be an int64 tensor of one element, got ", seed.scalar_type(), " ",
@@ -73,8 +77,8 @@ inline void check_grad_t_b_args(const at::Tensor& dy, const at::Tensor& t, const
   check_dim(b.size(1), dy.size(1), "b.size(1) vs dy.size(1) (out_features)");
 }
 
-inline void check_grad_x_args(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dt, const at::Tensor& a,
-                              double p, const at::Tensor& seed) {
+inline void check_grad_x_shapes(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dt,
+                                const at::Tensor& a) {
   check_matrix(dy, "dy");
   check_matrix(weight, "weight");
   check_matrix(dt, "dt");
@@ -86,15 +90,34 @@ inline void check_grad_x_args(const at::Tensor& dy, const at::Tensor& weight, co
   check_dim(dt.size(0), dy.size(0), "dt.size(0) vs dy.size(0) (rows)");
   check_dim(a.size(0), weight.size(1), "a.size(0) vs weight.size(1) (in_features)");
   check_dim(a.size(1), dt.size(1), "a.size(1) vs dt.size(1) (total rank)");
+}
+
+inline void check_grad_x_args(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dt, const at::Tensor& a,
+                              double p, const at::Tensor& seed) {
+  check_grad_x_shapes(dy, weight, dt, a);
   check_dropout(p, seed);
 }
 
-inline void check_grad_a_args(const at::Tensor& x, const at::Tensor& dt, double p, const at::Tensor& seed) {
+inline void check_grad_a_shapes(const at::Tensor& x, const at::Tensor& dt) {
   check_matrix(x, "x");
   check_matrix(dt, "dt");
   check_same(dt, x, "dt", "x");
   check_dim(dt.size(0), x.size(0), "dt.size(0) vs x.size(0) (rows)");
+}
+
+inline void check_grad_a_args(const at::Tensor& x, const at::Tensor& dt, double p, const at::Tensor& seed) {
+  check_grad_a_shapes(x, dt);
   check_dropout(p, seed);
+}
+
+// A packed dropout mask for an (rows, cols) input: int32 words, (rows, ceil(cols / 32)), on its device.
+inline void check_bits(const at::Tensor& bits, const at::Tensor& like, int64_t rows, int64_t cols) {
+  const int64_t words = (cols + 31) / 32;
+  TORCH_CHECK(bits.scalar_type() == at::kInt && bits.dim() == 2,
+              "msplora: bits must be a 2-D int32 packed mask, got ", bits.scalar_type(), " of shape ", bits.sizes());
+  TORCH_CHECK(bits.size(0) == rows && bits.size(1) == words, "msplora: bits must have shape (M, ceil(K / 32)) = (",
+              rows, ", ", words, "), got ", bits.sizes());
+  TORCH_CHECK(bits.device() == like.device(), "msplora: bits is on ", bits.device(), " but the input is on ", like.device());
 }
 
 }  // namespace msplora

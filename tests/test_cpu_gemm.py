@@ -84,7 +84,26 @@ def test_a_setting_restricts_the_candidates(mode, names):
         assert chosen <= names
 
 
-@pytest.mark.parametrize("cpu_gemm", ["auto", "aten:transposed", "onednn:plain"], indirect=True)
+def test_fused_runs_our_kernel_for_the_full_width_products_and_auto_times_it():
+    # The products that write a whole (M, N) tensor (expand, dx's adapter term) have our fused
+    # kernel as a candidate; the others fall back to ATen under cpu_gemm=fused.
+    full_width = ("expand: T B", "grad: dT A^T")
+    for dtype in (torch.float32, torch.bfloat16):
+        with settings.overridden(cpu_gemm="fused"):
+            lines = _choices_for(_layer_step(dtype=dtype))
+        for line in lines:
+            chosen = line.split(" -> ")[1].split(" ")[0]
+            assert chosen == ("fused" if line.startswith(full_width) else "aten:plain"), line
+        lines = _choices_for(_layer_step(dtype=dtype))
+        timed = [line for line in lines if line.startswith(full_width)]
+        assert len(timed) == 2 and all("fused " in line and " us" in line for line in timed), timed
+    # fp64 keeps its precision: never our fp32-accumulating kernel.
+    with settings.overridden(cpu_gemm="fused"):
+        lines = _choices_for(_layer_step(dtype=torch.float64))
+    assert not any("-> fused" in line for line in lines)
+
+
+@pytest.mark.parametrize("cpu_gemm", ["auto", "aten:transposed", "onednn:plain", "fused"], indirect=True)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_fake_kernels_state_the_real_strides(cpu_gemm, p):
     # torch.compile plans with the fake kernels' strides; they must hold for every choice.
@@ -95,8 +114,11 @@ def test_fake_kernels_state_the_real_strides(cpu_gemm, p):
     a, b, dy = torch.randn(512, 14), torch.randn(14, 384), torch.randn(256, 384)
     t = ops.shrink(x, a, p, seed)
     dt, _ = ops.grad_t_b(dy, t, b)
+    _, bits = ops.dropout_keep_mask(x, p, seed)
     for op, args in [(ops.shrink, (x, a, p, seed)), (ops.expand_linear, (x, w, bias, t, b)), (ops.grad_t_b, (dy, t, b)),
-                     (ops.grad_x, (dy, w, dt, a, p, seed)), (ops.grad_a, (x, dt, p, seed))]:
+                     (ops.grad_x, (dy, w, dt, a, p, seed)), (ops.grad_a, (x, dt, p, seed)),
+                     (ops.dropout_keep_mask, (x, p, seed)), (ops.shrink_keep_mask, (x, a, p, seed)),
+                     (ops.grad_x_bits, (dy, w, dt, a, bits, p)), (ops.grad_a_bits, (x, dt, bits, p))]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 

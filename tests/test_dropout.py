@@ -93,27 +93,66 @@ def test_dropout_op_equals_the_reference_bit_for_bit(backend, dtype):
     assert torch.equal(got, reference.dropout(x, 0.3, seed))
 
 
+class _RecordingOps:
+    """An op table that records which ops a training step called."""
+
+    def __init__(self, ops):
+        self.ops, self.called = ops, []
+
+    def __getattr__(self, name):
+        self.called.append(name)
+        return getattr(self.ops, name)
+
+
+# What the forward keeps for the backward -> the ops that draw or read the mask.
+_CPU_MASK_PATHS = {
+    (True, True): ({"dropout_keep_mask", "grad_x_bits"}, {"dropout", "grad_x", "shrink_keep_mask"}),
+    (True, False): ({"dropout", "grad_x"}, {"dropout_keep_mask", "grad_x_bits", "shrink_keep_mask"}),
+    (False, True): ({"shrink_keep_mask", "grad_x_bits", "grad_a_bits"}, {"dropout", "dropout_keep_mask", "grad_x"}),
+    (False, False): ({"grad_x"}, {"dropout", "dropout_keep_mask", "grad_x_bits", "shrink_keep_mask", "grad_a_bits"}),
+}
+
+
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the compiled CPU kernels")
-def test_cpp_keeps_dropped_input_with_the_same_result(monkeypatch):
-    # On the CPU the forward keeps dropout(x) for dA; regenerating it must give the same bits.
-    from msplora_kernels.ops import autograd as fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_mask_paths_give_the_same_bits(monkeypatch, dtype):
+    # On the CPU the forward keeps dropout(x) for dA and the packed mask for dx; every other
+    # combination (down to hashing the mask again in the backward) must give the same result.
+    import dataclasses
 
-    taken = []
-    keeps = fused._keeps_dropped_input
-    monkeypatch.setattr(fused, "_keeps_dropped_input", lambda *a: taken.append(keeps(*a)) or taken[-1])
+    from msplora_kernels.ops import backends
+
     data_seed = torch.seed()
+    cpp = backends.BACKENDS["cpp"]
+    assert (cpp.keeps_dropped_input, cpp.keeps_mask_bits) == (True, True)
 
-    def outputs():
+    def outputs(keeps_input, keeps_bits):
+        recording = _RecordingOps(cpp.ops)
+        monkeypatch.setitem(backends.BACKENDS, "cpp", dataclasses.replace(
+            cpp, keeps_dropped_input=keeps_input, keeps_mask_bits=keeps_bits))
+        monkeypatch.setitem(backends._OP_TABLES, "cpp", recording)
         torch.manual_seed(data_seed)  # the same random problem and dropout seed each time
-        x, w, b, As, Bs, scales = make_problem((40,), 24, 20, (8, 4, 2), torch.float32)
+        x, w, b, As, Bs, scales = make_problem((40,), 70, 20, (8, 4, 2), dtype)
         y = mk.msplora_linear(x, w, b, As, Bs, scales, dropout_p=0.2, training=True, backend="cpp")
         y.backward(torch.randn_like(y))
-        return [y.detach(), x.grad] + [t.grad for t in As + Bs]
+        return [y.detach(), x.grad] + [t.grad for t in As + Bs], set(recording.called)
 
-    kept = outputs()
-    assert taken == [True]
-    monkeypatch.setattr(fused, "_keeps_dropped_input", lambda *a: False)
-    regenerated = outputs()
-    for got, want in zip(kept, regenerated):
-        assert torch.equal(got, want)
-    assert all(g.abs().sum() > 0 for g in kept[1:])
+    want, _ = outputs(False, False)
+    assert all(g.abs().sum() > 0 for g in want[1:])
+    for (keeps_input, keeps_bits), (used, unused) in _CPU_MASK_PATHS.items():
+        got, called = outputs(keeps_input, keeps_bits)
+        assert used <= called and not unused & called, (keeps_input, keeps_bits, called)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), (keeps_input, keeps_bits)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the compiled CPU kernels")
+def test_cpp_refuses_a_packed_mask_of_the_wrong_shape_or_dtype():
+    ops = torch.ops.msplora
+    x, dt, dy, w, a = torch.randn(8, 70), torch.randn(8, 3), torch.randn(8, 5), torch.randn(5, 70), torch.randn(70, 3)
+    with pytest.raises(RuntimeError, match=r"bits must have shape \(M, ceil\(K / 32\)\) = \(8, 3\), got \[8, 2\]"):
+        ops.grad_a_bits(x, dt, torch.zeros(8, 2, dtype=torch.int32), 0.1)
+    with pytest.raises(RuntimeError, match="bits must be a 2-D int32 packed mask, got Float"):
+        ops.grad_x_bits(dy, w, dt, a, torch.zeros(8, 3), 0.1)
+    with pytest.raises(RuntimeError, match=r"dropout p must be in \[0, 1\), got 1"):
+        ops.grad_x_bits(dy, w, dt, a, torch.zeros(8, 3, dtype=torch.int32), 1.0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import msplora_kernels as mk
-from msplora_kernels.ops import contract, reference
+from msplora_kernels.ops import contract, native, reference
 from msplora_kernels.ops.backends import BACKENDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +67,9 @@ def check_op_table(ops, backend_dtypes, names=contract.REQUIRED):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_every_cpu_backend_follows_the_contract(backend):
     b = BACKENDS[backend]
-    optional = ("shrink_expand_linear", "shrink_keep_mask", "grad_x_bits", "grad_a_bits")
-    names = contract.REQUIRED + (optional if backend in ("triton", "torch") else ())
+    # Every op the backend provides: the required ones and its optional ones.
+    names = [spec.name for spec in contract.OPS if hasattr(b.ops, spec.name)]
+    assert set(contract.REQUIRED) <= set(names), backend
     check_op_table(b.ops, b.dtypes, names)
 
 
@@ -76,17 +77,23 @@ def test_the_cuda_launchers_follow_the_contract(emulated_cuda_ops):
     check_op_table(emulated_cuda_ops, BACKENDS["cuda"].dtypes)
 
 
+def _check_schemas(namespace: str, provided):
+    assert set(contract.REQUIRED) <= set(provided), namespace
+    for name in provided:
+        got = str(getattr(getattr(torch.ops, namespace), name).default._schema)
+        assert got == f"{namespace}::{name}{contract.SPECS[name].schema}"
+
+
 def test_the_compiled_schemas_are_the_contracts():
-    for spec in contract.OPS:
-        if spec.required:
-            assert str(getattr(torch.ops.msplora, spec.name).default._schema) == f"msplora::{spec.name}{spec.schema}"
+    _check_schemas("msplora", native.provided())
+    assert "dropout_keep_mask" in native.provided()  # the cpp backend's one mask pass
 
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs triton under the interpreter")
 def test_the_triton_schemas_are_the_contracts():
-    for spec in contract.OPS:
-        got = str(getattr(torch.ops.msplora_triton, spec.name).default._schema)
-        assert got == f"msplora_triton::{spec.name}{spec.schema}"
+    from msplora_kernels.ops import triton_ops
+
+    _check_schemas("msplora_triton", triton_ops.PROVIDED)
 
 
 def test_optional_ops_come_with_their_capability():
@@ -96,6 +103,8 @@ def test_optional_ops_come_with_their_capability():
             assert not b.one_pass_forward(1), name
         if b.keeps_mask_bits:
             assert all(hasattr(b.ops, op) for op in ("shrink_keep_mask", "grad_x_bits", "grad_a_bits")), name
+            if b.keeps_dropped_input:
+                assert hasattr(b.ops, "dropout_keep_mask"), name
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])

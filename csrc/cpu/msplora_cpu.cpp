@@ -8,48 +8,30 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../dropout_hash.h"
 #include "../shape_checks.h"
+#include "fused_expand.h"
 #include "gemms.h"
+#include "masking.h"
 
 namespace msplora {
 namespace {
 
-// The keep flags (1 kept, 0 dropped) of elements first..first+n-1. Branch-free so it vectorizes;
-// GCC clones it for AVX-512 and AVX2 and picks one at load time, so a portable build still runs
-// the hash at vector speed (a 4096 x 768 mask: 7.7 ms scalar, 1.2 ms with AVX-512, 2 threads).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
-void keep_flags(float* out, int64_t n, uint64_t seed, uint64_t first, float p) {
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = uniform01(seed, first + static_cast<uint64_t>(i)) >= p ? 1.0f : 0.0f;
-  }
+// out = src * mask (out may alias src), src and out contiguous (rows, cols); with bits_out, the
+// mask is packed there too.
+void apply_dropout_cpu(const at::Tensor& src, at::Tensor& out, double p, int64_t seed, at::Tensor* bits_out = nullptr) {
+  masking::MaskJob job;
+  job.p = p;
+  job.seed = static_cast<uint64_t>(seed);
+  job.bits_out = bits_out ? bits_out->data_ptr<int32_t>() : nullptr;
+  masking::run(job, src, out, src.size(0), src.size(1));
 }
 
-// out = src * mask (out may alias src). src and out are contiguous (rows, cols), and element i
-// gets the mask of element i of the logical input.
-void apply_dropout_cpu(const at::Tensor& src, at::Tensor& out, double p, int64_t seed) {
-  constexpr int64_t kBlock = 2048;
-  const int64_t n = src.numel();
-  const float pf = static_cast<float>(p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "msplora_dropout", [&] {
-    // Multiply in the op-math type so float64 inputs keep their precision.
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t keep_scale = static_cast<acc_t>(1.0 / (1.0 - p));
-    const scalar_t* in = src.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
-      float keep[kBlock];
-      for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
-        const int64_t len = std::min(kBlock, end - b0);
-        keep_flags(keep, len, static_cast<uint64_t>(seed), static_cast<uint64_t>(b0), pf);
-        for (int64_t j = 0; j < len; ++j) {
-          o[b0 + j] = static_cast<scalar_t>(static_cast<acc_t>(in[b0 + j]) * (static_cast<acc_t>(keep[j]) * keep_scale));
-        }
-      }
-    });
-  });
+// out = src * the mask that `bits` hold.
+void apply_bits_cpu(const at::Tensor& src, at::Tensor& out, const at::Tensor& bits, double p) {
+  masking::MaskJob job;
+  job.p = p;
+  job.bits_in = bits.data_ptr<int32_t>();
+  masking::run(job, src, out, src.size(0), src.size(1));
 }
 
 int64_t read_seed(double p, const at::Tensor& seed) {
@@ -64,6 +46,47 @@ at::Tensor dropped(const at::Tensor& x, double p, const at::Tensor& seed) {
   return out;
 }
 
+// [bias +] t b, masked (from job.bits_in, or hashed from job.seed, or not at p = 0): our fused
+// kernel in one pass, or a library's product (the bias added by the library) and then the mask,
+// whichever was measured faster for this shape class. Row-major (M, N).
+at::Tensor expanded(const char* gemm, const at::Tensor& t, const at::Tensor& b, const c10::optional<at::Tensor>& bias,
+                    const masking::MaskJob& mask) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::ScalarType dtype = t.scalar_type();
+  // fp64 keeps its precision on the library: the kernel accumulates in fp32.
+  const bool fusable = (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
+                       t.size(1) <= fused_expand::kMaxRank && t.numel() > 0 && b.numel() > 0;
+  auto fused = [&]() {
+    const int64_t cols = b.size(1);
+    const int64_t padded = (cols + fused_expand::kCols - 1) / fused_expand::kCols * fused_expand::kCols;
+    at::Tensor b32 = at::zeros({b.size(0), padded}, b.options().dtype(at::kFloat));
+    b32.narrow(1, 0, cols).copy_(b);
+    at::Tensor bias32;
+    if (has_bias) {
+      bias32 = at::zeros({padded}, b.options().dtype(at::kFloat));
+      bias32.narrow(0, 0, cols).copy_(*bias);
+    }
+    at::Tensor tc = t.contiguous();
+    at::Tensor out = at::empty({t.size(0), cols}, t.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "msplora_fused_expand", [&] {
+      fused_expand::run(out.data_ptr<scalar_t>(), tc.data_ptr<scalar_t>(), t.size(0), t.size(1), b32.data_ptr<float>(),
+                        has_bias ? bias32.data_ptr<float>() : nullptr, cols, mask);
+    });
+    return out;
+  };
+  auto library = [&](const Candidate& c) {
+    at::Tensor out;
+    if (!has_bias) out = product_with(c, t, b).contiguous();
+    else out = c.onednn ? onednn_linear(t, b.t(), bias) : at::addmm(*bias, t, b);
+    if (mask.p > 0.0) masking::run(mask, out, out, out.size(0), out.size(1));
+    return out;
+  };
+  if (t.numel() == 0 || b.numel() == 0) return library(Candidate{false, false});
+  const Candidate c = choose(gemm, dtype, t.size(0), t.size(1), b.size(1), /*transposable=*/false,
+                             [&](const Candidate& cand) { cand.fused ? fused() : library(cand); }, fusable);
+  return c.fused && fusable ? fused() : library(c);
+}
+
 at::Tensor shrink_cpu(const at::Tensor& x, const at::Tensor& a, double p, const at::Tensor& seed) {
   check_shrink_args(x, a, p, seed);
   return product("shrink: x A", dropped(x, p, seed), a);
@@ -74,8 +97,8 @@ at::Tensor expand_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   check_expand_linear_args(x, weight, bias, t, b);
   // The skinny expand (and the bias) first, then the base GEMM accumulates into it, so the LoRA
   // term costs no extra pass over y.
-  return frozen_linear_add("frozen: x W^T", x.contiguous(), weight, bias,
-                           product("expand: T B", t, b, /*transposable=*/false));
+  return frozen_linear_add("frozen: x W^T", x.contiguous(), weight, c10::nullopt,
+                           expanded("expand: T B", t, b, bias, masking::MaskJob{}));
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_t_b_cpu(const at::Tensor& dy, const at::Tensor& t, const at::Tensor& b) {
@@ -88,14 +111,67 @@ at::Tensor grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::
   check_grad_x_args(dy, weight, dt, a, p, seed);
   // As in the forward: the skinny term first, the big GEMM accumulating into it. Only the LoRA
   // branch saw the dropped input, so the mask applies to that term alone, before the GEMM.
-  at::Tensor dx = product("grad: dT A^T", dt, a.t(), /*transposable=*/false);
-  if (p > 0.0) apply_dropout_cpu(dx, dx, p, read_seed(p, seed));
+  masking::MaskJob mask;
+  mask.p = p;
+  mask.seed = static_cast<uint64_t>(read_seed(p, seed));
+  at::Tensor dx = expanded("grad: dT A^T", dt, a.t(), c10::nullopt, mask);
   return frozen_linear_add("frozen: dy W", dy.contiguous(), weight.t(), c10::nullopt, dx);
 }
 
 at::Tensor grad_a_cpu(const at::Tensor& x, const at::Tensor& dt, double p, const at::Tensor& seed) {
   check_grad_a_args(x, dt, p, seed);
   return product("grad: dA = x^T dT", dropped(x, p, seed).t(), dt);
+}
+
+// The one-mask-pass ops (the keeps_mask_bits capability): the forward packs the mask it draws,
+// and the backward applies those bits instead of hashing every element again.
+std::tuple<at::Tensor, at::Tensor> dropout_keep_mask_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
+  check_matrix(x, "x");
+  check_dropout(p, seed);
+  at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  at::Tensor bits = at::empty({xc.size(0), (xc.size(1) + 31) / 32}, xc.options().dtype(at::kInt));
+  if (p == 0.0) {
+    out.copy_(xc);
+    masking::MaskJob all_kept;  // p = 0 keeps everything: the bits of an all-ones mask
+    all_kept.bits_out = bits.data_ptr<int32_t>();
+    at::Tensor none;
+    masking::run(all_kept, none, none, xc.size(0), xc.size(1));
+  } else {
+    apply_dropout_cpu(xc, out, p, read_seed(p, seed), &bits);
+  }
+  return {out, bits};
+}
+
+std::tuple<at::Tensor, at::Tensor> shrink_keep_mask_cpu(const at::Tensor& x, const at::Tensor& a, double p,
+                                                        const at::Tensor& seed) {
+  check_shrink_args(x, a, p, seed);
+  auto [dropped_x, bits] = dropout_keep_mask_cpu(x, p, seed);
+  return {product("shrink: x A", dropped_x, a), bits};
+}
+
+at::Tensor grad_x_bits_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dt, const at::Tensor& a,
+                           const at::Tensor& bits, double p) {
+  check_grad_x_shapes(dy, weight, dt, a);
+  check_p(p);
+  check_bits(bits, dy, dy.size(0), weight.size(1));
+  at::Tensor words = bits.contiguous();
+  masking::MaskJob mask;
+  mask.p = p;
+  mask.bits_in = words.data_ptr<int32_t>();
+  at::Tensor dx = expanded("grad: dT A^T", dt, a.t(), c10::nullopt, mask);
+  return frozen_linear_add("frozen: dy W", dy.contiguous(), weight.t(), c10::nullopt, dx);
+}
+
+at::Tensor grad_a_bits_cpu(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& bits, double p) {
+  check_grad_a_shapes(x, dt);
+  check_p(p);
+  check_bits(bits, x, x.size(0), x.size(1));
+  at::Tensor xc = x.contiguous();
+  if (p == 0.0) return product("grad: dA = x^T dT", xc.t(), dt);
+  at::Tensor dropped_x = at::empty_like(xc);
+  apply_bits_cpu(xc, dropped_x, bits.contiguous(), p);
+  return product("grad: dA = x^T dT", dropped_x.t(), dt);
 }
 
 at::Tensor dropout_mask_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
@@ -129,6 +205,10 @@ TORCH_LIBRARY_IMPL(msplora, CPU, m) {
   m.impl("grad_a", &grad_a_cpu);
   m.impl("dropout_mask", &dropout_mask_cpu);
   m.impl("dropout", &dropout_cpu);
+  m.impl("dropout_keep_mask", &dropout_keep_mask_cpu);
+  m.impl("shrink_keep_mask", &shrink_keep_mask_cpu);
+  m.impl("grad_x_bits", &grad_x_bits_cpu);
+  m.impl("grad_a_bits", &grad_a_bits_cpu);
 }
 
 }  // namespace msplora

@@ -9,7 +9,8 @@ Backward: dT, dB = dy B^T, T^T dy   (one pass over dy)
           dA = dropout(x)^T dT      (the mask regenerated from the seed; or dropout(x) kept from the
                                      forward: the keeps_dropped_input capability; or the mask
                                      packed 1 bit an element by the forward's shrink, for dx and
-                                     dA: the keeps_mask_bits capability)
+                                     dA: the keeps_mask_bits capability; with both, dropout(x)
+                                     serves dA and the packed mask dx, drawn in one pass)
           dA_i, dB_i = s_i dA[:, level i], dB[level i]  (in each factor's dtype)
           dW = dy^T x, db = sum(dy) only when the base layer is trained.
 
@@ -79,18 +80,20 @@ def _keeps_dropped_input(backend, p, need_as) -> bool:
     return backend.keeps_dropped_input and p > 0 and any(need_as)
 
 
-def _shrink(ops, backend, x, a, p, seed, need_as, need_mask):
+def _shrink(ops, backend, x, a, p, seed, need_as, need_x_mask):
     """(T = dropout(x) A, dropout(x) where the forward keeps it for dA, the packed mask where the
-    backend keeps that for the backward (need_mask: some gradient will use it)); None for what
-    is not kept."""
+    backend keeps that for the backward); None for what is not kept. need_x_mask: dx will apply
+    the mask (the packed one where the backend keeps it)."""
     if _keeps_dropped_input(backend, p, need_as):
-        x_lora = ops.dropout(x, p, seed)
-        return ops.shrink(x_lora, a, 0.0, seed), x_lora, None
-    if backend.keeps_mask_bits and p > 0 and need_mask:
+        if backend.keeps_mask_bits and need_x_mask:
+            x_lora, bits = ops.dropout_keep_mask(x, p, seed)
+        else:
+            x_lora, bits = ops.dropout(x, p, seed), None
+        return ops.shrink(x_lora, a, 0.0, seed), x_lora, bits
+    if backend.keeps_mask_bits and p > 0 and (need_x_mask or any(need_as)):
         t, bits = ops.shrink_keep_mask(x, a, p, seed)
         return t, None, bits
     return ops.shrink(x, a, p, seed), None, None
-
 
 
 def _factor_grads(ctx, ops, x, x_lora, bits, dt, db, seed, row, need_as, need_bs):
@@ -135,8 +138,7 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
             if backend.one_pass_forward(a.shape[1]):
                 y, t = ops.shrink_expand_linear(x, weight, bias, a, b, p, seed)
             else:
-                need_mask = ctx.needs_input_grad[0] or any(need_as)
-                t, x_lora, bits = _shrink(ops, backend, x, a, p, seed, need_as, need_mask)
+                t, x_lora, bits = _shrink(ops, backend, x, a, p, seed, need_as, ctx.needs_input_grad[0])
                 y = ops.expand_linear(x, weight, bias, t, b)
         # x itself is needed again only for a trained base weight's gradient.
         x_saved = x if x_lora is None or ctx.needs_input_grad[1] else None
@@ -184,7 +186,7 @@ class FusedLoRAAddFunction(torch.autograd.Function):
             a, b = _joined(As, Bs, row, x.dtype)
             need_as = ctx.needs_input_grad[6 : 6 + levels]
             # The packed mask serves dA only: dx's adapter term is masked by ops.dropout below.
-            t, x_lora, bits = _shrink(ops, backend, x, a, p, seed, need_as, any(need_as))
+            t, x_lora, bits = _shrink(ops, backend, x, a, p, seed, need_as, need_x_mask=False)
             y2d = y.view(-1, y.shape[-1]) if y.is_contiguous() else None
             if y2d is not None and y._base is None and not (y.is_leaf and y.requires_grad):
                 y2d.addmm_(t, b)

@@ -30,7 +30,9 @@ class Backend:
     why_not: Callable[[str], list]  # reasons it cannot run on a device type; empty when it can
     # Capabilities.
     keeps_dropped_input: bool = False  # the forward keeps dropout(x) for dA instead of regenerating the mask
-    keeps_mask_bits: bool = False  # the forward keeps the mask packed (shrink_keep_mask) for dx and dA
+    # The forward keeps the mask packed (shrink_keep_mask) for dx and dA; with keeps_dropped_input,
+    # for dx only (dropout_keep_mask draws both in one pass).
+    keeps_mask_bits: bool = False
     one_pass_forward: Callable[[int], bool] = lambda total_rank: False  # shrink_expand_linear for this rank
     gemm_library: Callable[[], str] = lambda: "ATen"  # who runs its GEMMs, in words
 
@@ -138,7 +140,7 @@ BACKENDS = {
         Backend("torch", "the reference in plain PyTorch (reference.py), on any device", ("cpu", "cuda", "meta", "mps"),
                 None, _torch_ops, lambda device_type: []),
         Backend("cpp", "the compiled CPU op (csrc/cpu)", ("cpu",), None, _native_ops, _native_why_not("CPU", "cpu"),
-                keeps_dropped_input=True,
+                keeps_dropped_input=True, keeps_mask_bits=True,
                 gemm_library=lambda: f"ATen or oneDNN per GEMM and shape class (cpu_gemm={settings.get('cpu_gemm')}); "
                                      f"{len(native.gemm_choices())} chosen so far"),
         Backend("cuda", "the compiled CUDA op (csrc/cuda)", ("cuda",), _GPU_DTYPES, _native_ops,

@@ -66,6 +66,11 @@ OPS = (
     OpSpec("grad_a_bits", "(Tensor x, Tensor dt, Tensor bits, float p) -> Tensor",
            {"x": ("M", "K"), "dt": ("M", "R")}, (("K", "R"),), "dA = (mask(bits) * x)^T dt", required=False,
            mask_inputs={"bits": ("M", "W")}),
+    # A backend that keeps dropout(x) for dA and the packed mask for dx draws both in one pass
+    # (keeps_dropped_input and keeps_mask_bits together).
+    OpSpec("dropout_keep_mask", "(Tensor x, float p, Tensor seed) -> (Tensor, Tensor)",
+           {"x": ("M", "K")}, (("M", "K"), ("M", "W")), "(dropout(x), its mask packed)", required=False,
+           mask_outputs=(1,)),
 )
 SPECS = {spec.name: spec for spec in OPS}
 REQUIRED = tuple(spec.name for spec in OPS if spec.required)

@@ -110,6 +110,11 @@ def _shrink_keep_mask(ctx, dt, g_bits):
     return _shrink(ctx, _zeros_if_none(dt, x.shape[0], a.shape[1], like=x))
 
 
+def _dropout_keep_mask(ctx, g, g_bits):
+    (seed,) = ctx.saved_tensors
+    return (None if g is None else _masked(g, ctx.p, seed)), None, None
+
+
 # op name -> (backward, the inputs it saves, the index of p, the output it saves)
 FORMULAS = {
     "shrink": (_shrink, (0, 1, 3), 2, None),
@@ -123,6 +128,7 @@ FORMULAS = {
     "shrink_keep_mask": (_shrink_keep_mask, (0, 1, 3), 2, None),
     "grad_x_bits": (_grad_x, (0, 1, 2, 3, 4), 5, None),
     "grad_a_bits": (_grad_a, (0, 1, 2), 3, None),
+    "dropout_keep_mask": (_dropout_keep_mask, (2,), 1, None),
 }
 
 

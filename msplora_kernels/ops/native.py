@@ -87,12 +87,16 @@ def _push_settings(values: dict) -> None:
     ops.set_setting("cuda_skinny", values["cuda_skinny"])
 
 
+def provided() -> list[str]:
+    """The contract's ops that the compiled library declares: every required one, and the optional
+    ones some device's kernels provide (csrc/msplora_ops.cpp)."""
+    return [spec.name for spec in contract.OPS if hasattr(op_table(), spec.name)]
+
+
 def _register() -> None:
-    for spec in contract.OPS:
-        if spec.required:
-            torch.library.register_fake(f"{NAMESPACE}::{spec.name}")(
-                lambda *args, _name=spec.name: contract.empty_outputs(_name, args))
-    derivatives.register(NAMESPACE, contract.REQUIRED)
+    for name in provided():
+        torch.library.register_fake(f"{NAMESPACE}::{name}")(lambda *args, _name=name: contract.empty_outputs(_name, args))
+    derivatives.register(NAMESPACE, provided())
     settings.on_change(_push_settings)
 
 

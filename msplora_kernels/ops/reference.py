@@ -153,9 +153,17 @@ def _from_bits(t, bits, p):
     return (t.to(compute) * keep).to(t.dtype)
 
 
-def shrink_keep_mask(x, a, p, seed):
+def _packed_keep_flags(x, p, seed):
     keep = keep_flags(seed, x.shape[0], x.shape[1], p, x.device) if p > 0 else torch.ones_like(x, dtype=torch.bool)
-    return shrink(x, a, p, seed), pack_mask(keep)
+    return pack_mask(keep)
+
+
+def shrink_keep_mask(x, a, p, seed):
+    return shrink(x, a, p, seed), _packed_keep_flags(x, p, seed)
+
+
+def dropout_keep_mask(x, p, seed):
+    return dropout(x, p, seed), _packed_keep_flags(x, p, seed)
 
 
 def grad_x_bits(dy, weight, dt, a, bits, p):

@@ -7,8 +7,10 @@ resolved to.
 
     backend         $MSPLORA_BACKEND         the backend of calls that name none (None: the best available)
     cpu_gemm        $MSPLORA_CPU_GEMM        the cpp backend's GEMM libraries: auto (timed per shape class),
-                                             aten or onednn (orientation timed), or one fixed
-                                             library:orientation (aten:plain, ..., onednn:transposed)
+                                             aten or onednn (orientation timed), one fixed
+                                             library:orientation (aten:plain, ..., onednn:transposed),
+                                             or fused (our kernel for the products that write an
+                                             (M, N) tensor with the mask and bias, ATen elsewhere)
     cuda_skinny     $MSPLORA_CUDA_SKINNY     the cuda backend's rank-R products: auto, kernels or cublas
     triton_forward  $MSPLORA_TRITON_FORWARD  the triton backend's forward: split (two kernels) or onepass
     triton_gemm     $MSPLORA_TRITON_GEMM     the triton backend's frozen GEMMs: auto (both paths timed once
@@ -23,7 +25,8 @@ from typing import Callable
 
 CHOICES = {
     "backend": (None, "torch", "cpp", "cuda", "triton"),
-    "cpu_gemm": ("auto", "aten", "onednn", "aten:plain", "aten:transposed", "onednn:plain", "onednn:transposed"),
+    "cpu_gemm": ("auto", "aten", "onednn", "aten:plain", "aten:transposed", "onednn:plain", "onednn:transposed",
+                 "fused"),
     "cuda_skinny": ("auto", "kernels", "cublas"),
     "triton_forward": ("split", "onepass"),
     "triton_gemm": ("auto", "fused", "cublas"),

@@ -33,9 +33,12 @@ def _checked(name: str, launch):
     return op
 
 
-for _spec in contract.OPS:
-    triton_op(f"{NAMESPACE}::{_spec.name}", _checked(_spec.name, getattr(launchers, _spec.name)), mutates_args=())
-derivatives.register(NAMESPACE, [spec.name for spec in contract.OPS])
+# Every op of the contract that has a launcher: the required ones and the optional ones that the
+# triton backend's capabilities use.
+PROVIDED = [spec.name for spec in contract.OPS if hasattr(launchers, spec.name)]
+for _name in PROVIDED:
+    triton_op(f"{NAMESPACE}::{_name}", _checked(_name, getattr(launchers, _name)), mutates_args=())
+derivatives.register(NAMESPACE, PROVIDED)
 
 
 def _follow_settings(values: dict) -> None:
