@@ -106,6 +106,14 @@ std::tuple<at::Tensor, at::Tensor> grad_t_b_cpu(const at::Tensor& dy, const at::
   return {product("grad: dT = dy B^T", dy, b.t()), product("grad: dB = T^T dy", t.t(), dy)};
 }
 
+// dx = dy W + mask * (dt a^T), the mask from a seed or from bits: the skinny term first, the big
+// GEMM accumulating into it (grad_x and grad_x_bits).
+at::Tensor masked_term_plus_dy_w(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dt,
+                                 const at::Tensor& a, const masking::MaskJob& mask) {
+  at::Tensor dx = expanded("grad: dT A^T", dt, a.t(), c10::nullopt, mask);
+  return frozen_linear_add("frozen: dy W", dy.contiguous(), weight.t(), c10::nullopt, dx);
+}
+
 at::Tensor grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dt, const at::Tensor& a,
                       double p, const at::Tensor& seed) {
   check_grad_x_args(dy, weight, dt, a, p, seed);
@@ -114,8 +122,7 @@ at::Tensor grad_x_cpu(const at::Tensor& dy, const at::Tensor& weight, const at::
   masking::MaskJob mask;
   mask.p = p;
   mask.seed = static_cast<uint64_t>(read_seed(p, seed));
-  at::Tensor dx = expanded("grad: dT A^T", dt, a.t(), c10::nullopt, mask);
-  return frozen_linear_add("frozen: dy W", dy.contiguous(), weight.t(), c10::nullopt, dx);
+  return masked_term_plus_dy_w(dy, weight, dt, a, mask);
 }
 
 at::Tensor grad_a_cpu(const at::Tensor& x, const at::Tensor& dt, double p, const at::Tensor& seed) {
@@ -130,7 +137,8 @@ std::tuple<at::Tensor, at::Tensor> dropout_keep_mask_cpu(const at::Tensor& x, do
   check_dropout(p, seed);
   at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty_like(xc);
-  at::Tensor bits = at::empty({xc.size(0), (xc.size(1) + 31) / 32}, xc.options().dtype(at::kInt));
+  at::Tensor bits = at::empty({xc.size(0), (xc.size(1) + masking::kWordBits - 1) / masking::kWordBits},
+                              xc.options().dtype(at::kInt));
   if (p == 0.0) {
     out.copy_(xc);
     masking::MaskJob all_kept;  // p = 0 keeps everything: the bits of an all-ones mask
@@ -159,8 +167,7 @@ at::Tensor grad_x_bits_cpu(const at::Tensor& dy, const at::Tensor& weight, const
   masking::MaskJob mask;
   mask.p = p;
   mask.bits_in = words.data_ptr<int32_t>();
-  at::Tensor dx = expanded("grad: dT A^T", dt, a.t(), c10::nullopt, mask);
-  return frozen_linear_add("frozen: dy W", dy.contiguous(), weight.t(), c10::nullopt, dx);
+  return masked_term_plus_dy_w(dy, weight, dt, a, mask);
 }
 
 at::Tensor grad_a_bits_cpu(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& bits, double p) {
