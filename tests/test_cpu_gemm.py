@@ -69,6 +69,14 @@ def test_auto_measures_each_gemm_once_per_shape_class_and_says_what_it_chose():
     assert len(gemm_choices()) == 2 * len(lines)
 
 
+def test_big_gemms_are_timed_cold_and_small_ones_hot():
+    # At 256 tokens, 512 -> 384 fp32: the frozen GEMMs' operands take 1.7 MB (timed after the
+    # caches are evicted and the heap given back), the shrink's 0.6 MB (timed as they are).
+    lines = _choices_for(_layer_step())
+    for line in lines:
+        assert ("(cold: " if line.startswith("frozen") else "(hot: " if line.startswith("shrink") else "(") in line, line
+
+
 @pytest.mark.parametrize("mode,names", [("aten", {"aten:plain", "aten:transposed"}),
                                         ("onednn:plain", {"onednn:plain"}), ("aten:transposed", None)])
 def test_a_setting_restricts_the_candidates(mode, names):

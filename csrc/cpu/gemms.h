@@ -22,6 +22,10 @@
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <unistd.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <vector>
 
 #include "../settings.h"
@@ -158,6 +162,32 @@ inline std::map<ChoiceKey, Choice>& choices() {
   return c;
 }
 
+// Operands at least this large are timed with cold caches (below); smaller ones may well stay
+// cached in a step, and their timings are too short for a cache sweep to be worth it.
+constexpr int64_t kColdTimingBytes = 1 << 20;
+
+// Puts the machine in the state a GEMM of a training step meets (bench/NOTES.md, #20):
+// - Caches cold: the frozen GEMMs in between stream the whole cache. Timed hot, the skinny
+//   products rank differently (AMD EPYC, bf16 roberta-base: dB = T^T dy 346 us on oneDNN against
+//   381 on ATen hot, 623 against 519 cold). A sweep over twice the last-level cache evicts it.
+// - The heap given back to the system: a step's large frees let glibc trim it, so a fresh output
+//   is faulted in page by page (about 1 us a page there: 1.5 ms for a 4096 x 768 bf16 tensor),
+//   while a warm timing loop reuses one freed block and never pays that. Candidates that write in
+//   place pay nothing, and only this timing sees the difference: the frozen GEMM on oneDNN's sum
+//   post-op (a new output) measured faster than ATen's addmm_ (in place) warm, and cost 5 ms more
+//   per step.
+inline void make_cold() {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
+  static std::vector<unsigned char> sweep = [] {
+    const long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    const size_t bytes = llc > 0 ? 2 * static_cast<size_t>(llc) : size_t{64} << 20;
+    return std::vector<unsigned char>(std::min(bytes, size_t{256} << 20), 1);
+  }();
+  for (size_t i = 0; i < sweep.size(); i += 64) sweep[i] += 1;  // one write a cache line
+}
+
 // The candidate for this GEMM: the one measured fastest (once per shape class), or the only one allowed.
 template <typename Run>
 Candidate choose(const char* gemm, at::ScalarType dtype, int64_t m, int64_t k, int64_t n, bool transposable,
@@ -173,7 +203,9 @@ Candidate choose(const char* gemm, at::ScalarType dtype, int64_t m, int64_t k, i
   std::ostringstream timings;
   if (candidates.size() > 1) {
     // Rounds of one call each, interleaved, so that drift in the machine's speed falls on every
-    // candidate alike; each keeps its fastest call.
+    // candidate alike; each keeps its fastest call, made with cold caches where the operands are big.
+    const int64_t bytes = (m * k + k * n + m * n) * static_cast<int64_t>(c10::elementSize(dtype));
+    const bool cold = bytes >= kColdTimingBytes;
     constexpr int kRounds = 5;
     std::vector<double> fastest(candidates.size(), -1.0);
     std::vector<bool> runs(candidates.size(), true);
@@ -187,6 +219,7 @@ Candidate choose(const char* gemm, at::ScalarType dtype, int64_t m, int64_t k, i
     for (int round = 0; round < kRounds; ++round) {
       for (size_t i = 0; i < candidates.size(); ++i) {
         if (!runs[i]) continue;
+        if (cold) make_cold();
         const auto start = std::chrono::steady_clock::now();
         run(candidates[i]);
         const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
@@ -194,8 +227,9 @@ Candidate choose(const char* gemm, at::ScalarType dtype, int64_t m, int64_t k, i
       }
     }
     double best_us = -1.0;
+    timings << (cold ? "cold: " : "hot: ");
     for (size_t i = 0; i < candidates.size(); ++i) {
-      timings << (timings.tellp() > 0 ? ", " : "") << candidates[i].name();
+      timings << (i > 0 ? ", " : "") << candidates[i].name();
       if (!runs[i]) {
         timings << " failed";
         continue;
@@ -250,14 +284,20 @@ inline at::Tensor frozen_linear_add(const char* gemm, const at::Tensor& x, const
                                     const c10::optional<at::Tensor>& bias, at::Tensor other) {
   const bool has_bias = bias.has_value() && bias->defined();
   if (x.numel() == 0 || w.numel() == 0) return (has_bias ? other.add_(*bias) : other).addmm_(x, w.t());
-  // Timed as they run, accumulating `other` (out of place here, so that timing leaves it as it
-  // was): oneDNN's sum post-op reads it as a second input, ATen's beta = 1 adds into it, and
-  // which costs less differs from the bare GEMMs (bf16 roberta-base on an AMD EPYC: equal bare,
-  // 9-14 ms against 7 ms with the accumulation, in a training step).
+  // Timed as they run, accumulating `other`: oneDNN's sum post-op reads it as a second input and
+  // writes a new output, ATen's beta = 1 adds into it in place (into a copy while timed, so that
+  // timing leaves `other` as it was). Which costs less differs from the bare GEMMs (bf16
+  // roberta-base on an AMD EPYC: equal bare, 9-14 ms against 7 ms with the accumulation, in a
+  // training step), mostly by the new output's page faults, which make_cold() lets the timing see.
+  at::Tensor scratch;  // what ATen's candidate accumulates into while timed, in place as it runs
   const Candidate c = choose(gemm, x.scalar_type(), x.size(0), x.size(1), w.size(0), /*transposable=*/false,
                              [&](const Candidate& cand) {
-                               if (cand.onednn) onednn_linear_add(x, other, w, bias);
-                               else at::addmm(has_bias ? other + *bias : other, x, w.t());
+                               if (cand.onednn) {
+                                 onednn_linear_add(x, other, w, bias);
+                                 return;
+                               }
+                               if (!scratch.defined()) scratch = other.clone();
+                               (has_bias ? scratch.add_(*bias) : scratch).addmm_(x, w.t());
                              });
   if (c.onednn) return onednn_linear_add(x, other, w, bias);
   return (has_bias ? other.add_(*bias) : other).addmm_(x, w.t());
