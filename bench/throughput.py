@@ -87,7 +87,13 @@ def time_all(calls: dict, args, progress) -> dict:
                                  for fn in fns)
             progress.update(1)
         return timings
-    tick = lambda: progress.update(len(calls) / (2 * args.repeats))  # noqa: E731
+    start, rounds, done = progress.n, 2 * args.repeats, [0]
+
+    def tick():  # set, not add: summed fractions overshoot the total in floating point
+        done[0] += 1
+        progress.n = start + len(calls) * done[0] / rounds
+        progress.refresh()
+
     f = timing.time_cpu_interleaved({r: c[0] for r, c in calls.items()}, args.repeats, tick=tick)
     fb = timing.time_cpu_interleaved({r: c[1] for r, c in calls.items()}, args.repeats, tick=tick)
     return {run: (f[run], fb[run]) for run in calls}
