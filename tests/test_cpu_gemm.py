@@ -7,10 +7,12 @@ import torch
 import msplora_kernels as mk
 from helpers import check_backend_against_reference, make_problem
 from msplora_kernels.ops import settings
+from msplora_kernels.ops.cpu_info import cpu_info
 from msplora_kernels.ops.native import gemm_choices
 
 pytestmark = pytest.mark.skipif("cpp" not in mk.available_backends("cpu"), reason="needs the compiled cpp backend")
 HAS_ONEDNN = torch._C._dispatch_has_kernel_for_dispatch_key("mkldnn::_linear_pointwise", "CPU")
+HAS_BF16_DOT = "avx512_bf16" in cpu_info()["isa"]  # where our thin bf16 kernel can run
 MODES = [m for m in settings.CHOICES["cpu_gemm"] if HAS_ONEDNN or "onednn" not in m]
 # 256 x 512 x 14: sizes where either library could be the faster.
 LARGE = dict(lead=(4, 64), in_f=512, out_f=384, ranks=(8, 4, 2))
@@ -92,16 +94,20 @@ def test_a_setting_restricts_the_candidates(mode, names):
         assert chosen <= names
 
 
-def test_fused_runs_our_kernel_for_the_full_width_products_and_auto_times_it():
+def test_fused_runs_our_kernels_where_they_apply_and_auto_times_them():
     # The products that write a whole (M, N) tensor (expand, dx's adapter term) have our fused
-    # kernel as a candidate; the others fall back to ATen under cpu_gemm=fused.
+    # kernel as a candidate, and in bf16 on CPUs with AVX512-BF16 the thin products (shrink, dT)
+    # ours too (test_thin_product.py); the others fall back to ATen under cpu_gemm=fused.
     full_width = ("expand: T B", "grad: dT A^T")
+    thin = ("shrink: x A", "grad: dT = dy B^T")
     for dtype in (torch.float32, torch.bfloat16):
         with settings.overridden(cpu_gemm="fused"):
             lines = _choices_for(_layer_step(dtype=dtype))
+        ours_thin = dtype == torch.bfloat16 and HAS_BF16_DOT
         for line in lines:
             chosen = line.split(" -> ")[1].split(" ")[0]
-            assert chosen == ("fused" if line.startswith(full_width) else "aten:plain"), line
+            expected = "fused" if line.startswith(full_width) else "thin" if ours_thin and line.startswith(thin) else "aten:plain"
+            assert chosen == expected, line
         lines = _choices_for(_layer_step(dtype=dtype))
         timed = [line for line in lines if line.startswith(full_width)]
         assert len(timed) == 2 and all("fused " in line and " us" in line for line in timed), timed

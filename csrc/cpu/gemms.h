@@ -9,6 +9,9 @@
 // skinny products, orientation) and keeps the fastest for the rest of the process. The setting
 // can instead name one library (orientation still measured) or one fixed candidate, which is how
 // the tests reach every path on any CPU. Every choice made is listed by gemm_choices().
+// Two products also have our kernels as candidates: the ones that write a whole (M, N) tensor
+// (fused_expand.h) and, in bf16 on CPUs with AVX512-BF16, the ones with a thin right factor
+// (thin_product.h); cpu_gemm=fused runs ours wherever one applies and ATen elsewhere.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,6 +32,7 @@
 #include <vector>
 
 #include "../settings.h"
+#include "thin_product.h"
 
 namespace msplora {
 
@@ -74,13 +78,16 @@ inline at::Tensor onednn_linear_add(const at::Tensor& x, const at::Tensor& other
 }
 
 // One way to compute a GEMM: a library, and for a product, whether it computes the transpose;
-// or, for a product that writes a whole (M, N) tensor, our fused kernel (fused_expand.h).
+// or one of our kernels: for a product that writes a whole (M, N) tensor the fused one
+// (fused_expand.h), for a bf16 product with a thin right factor the thin one (thin_product.h).
 struct Candidate {
   bool onednn;
   bool transposed;
   bool fused = false;
+  bool thin = false;
   const char* name() const {
     if (fused) return "fused";
+    if (thin) return "thin";
     return onednn ? (transposed ? "onednn:transposed" : "onednn:plain") : (transposed ? "aten:transposed" : "aten:plain");
   }
 };
@@ -97,7 +104,7 @@ inline bool mode_is_onednn(CpuGemm mode) {
 
 // Whether the cpu_gemm setting allows candidate c.
 inline bool allowed(CpuGemm mode, const Candidate& c) {
-  if (c.fused) return mode == CpuGemm::kAuto || mode == CpuGemm::kFused;
+  if (c.fused || c.thin) return mode == CpuGemm::kAuto || mode == CpuGemm::kFused;
   switch (mode) {
     case CpuGemm::kAuto: return true;
     case CpuGemm::kFused: return false;
@@ -115,10 +122,12 @@ inline bool allowed(CpuGemm mode, const Candidate& c) {
 // `transposable` is false: an output that must stay row-major without a copy). Where the setting
 // names one this GEMM cannot take (a transposed one, or oneDNN for fp64), the plain form of the
 // library it names runs, or ATen's.
-inline std::vector<Candidate> allowed_candidates(at::ScalarType dtype, bool transposable, bool fusable = false) {
+inline std::vector<Candidate> allowed_candidates(at::ScalarType dtype, bool transposable, bool fusable = false,
+                                                 bool thin = false) {
   const CpuGemm mode = cpu_gemm();
   std::vector<Candidate> out;
   if (fusable && allowed(mode, Candidate{false, false, true})) out.push_back(Candidate{false, false, true});
+  if (thin && allowed(mode, Candidate{false, false, false, true})) out.push_back(Candidate{false, false, false, true});
   for (bool onednn : {false, true}) {
     for (bool transposed : {false, true}) {
       const Candidate c{onednn, transposed};
@@ -191,14 +200,14 @@ inline void make_cold() {
 // The candidate for this GEMM: the one measured fastest (once per shape class), or the only one allowed.
 template <typename Run>
 Candidate choose(const char* gemm, at::ScalarType dtype, int64_t m, int64_t k, int64_t n, bool transposable,
-                 const Run& run, bool fusable = false) {
+                 const Run& run, bool fusable = false, bool thin = false) {
   const ChoiceKey key{gemm, dtype, static_cast<int>(cpu_gemm()), size_class(m), size_class(k), size_class(n)};
   {
     std::lock_guard<std::mutex> lock(choices_mutex());
     auto it = choices().find(key);
     if (it != choices().end()) return it->second.candidate;
   }
-  const std::vector<Candidate> candidates = allowed_candidates(dtype, transposable, fusable);
+  const std::vector<Candidate> candidates = allowed_candidates(dtype, transposable, fusable, thin);
   Candidate best = candidates.front();
   std::ostringstream timings;
   if (candidates.size() > 1) {
@@ -263,6 +272,7 @@ inline void forget_gemm_choices() {
 
 // a @ b with candidate c; the result is row-major unless c is transposed (then column-major).
 inline at::Tensor product_with(const Candidate& c, const at::Tensor& a, const at::Tensor& b) {
+  if (c.thin) return thin_product::applies(a, b) ? thin_product::run(a, b) : at::mm(a, b);
   if (c.onednn) {
     return c.transposed ? onednn_linear(b.t(), a, c10::nullopt).t() : onednn_linear(a, b.t(), c10::nullopt);
   }
@@ -274,7 +284,8 @@ inline at::Tensor product_with(const Candidate& c, const at::Tensor& a, const at
 inline at::Tensor product(const char* gemm, const at::Tensor& a, const at::Tensor& b, bool transposable = true) {
   if (a.numel() == 0 || b.numel() == 0) return at::mm(a, b);
   const Candidate c = choose(gemm, a.scalar_type(), a.size(0), a.size(1), b.size(1), transposable,
-                             [&](const Candidate& cand) { product_with(cand, a, b); });
+                             [&](const Candidate& cand) { product_with(cand, a, b); }, /*fusable=*/false,
+                             thin_product::applies(a, b));
   return product_with(c, a, b).contiguous();
 }
 

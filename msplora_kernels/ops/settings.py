@@ -9,8 +9,9 @@ resolved to.
     cpu_gemm        $MSPLORA_CPU_GEMM        the cpp backend's GEMM libraries: auto (timed per shape class),
                                              aten or onednn (orientation timed), one fixed
                                              library:orientation (aten:plain, ..., onednn:transposed),
-                                             or fused (our kernel for the products that write an
-                                             (M, N) tensor with the mask and bias, ATen elsewhere)
+                                             or fused (our kernels where one applies: the products
+                                             that write an (M, N) tensor with the mask and bias, and
+                                             bf16 products with a thin right factor; ATen elsewhere)
     cuda_skinny     $MSPLORA_CUDA_SKINNY     the cuda backend's rank-R products: auto, kernels or cublas
     triton_forward  $MSPLORA_TRITON_FORWARD  the triton backend's forward: split (two kernels) or onepass
     triton_gemm     $MSPLORA_TRITON_GEMM     the triton backend's frozen GEMMs: auto (both paths timed once

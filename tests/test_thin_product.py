@@ -1,0 +1,75 @@
+"""Our bf16 kernel for products with a thin right factor (csrc/cpu/thin_product.h), which the cpp
+backend's shrink (x A) and dT = dy B^T may run on CPUs with AVX512-BF16: forced through
+cpu_gemm=fused, against float64, at ragged sizes (K not a multiple of the 32-element vector, odd
+token counts, every rank up to 16)."""
+import pytest
+import torch
+
+import msplora_kernels as mk
+from msplora_kernels.ops import settings
+from msplora_kernels.ops.cpu_info import cpu_info
+from msplora_kernels.ops.native import gemm_choices
+
+HAS_BF16_DOT = "avx512_bf16" in cpu_info()["isa"]
+pytestmark = [
+    pytest.mark.skipif("cpp" not in mk.available_backends("cpu"), reason="needs the compiled cpp backend"),
+    pytest.mark.skipif(not HAS_BF16_DOT, reason="the kernel runs only where the CPU has AVX512-BF16"),
+]
+SEED = torch.tensor([5], dtype=torch.int64)
+
+
+def _assert_bf16_product(got, a, b, what):
+    # One bf16 rounding of the output plus fp32 accumulation: within 2^-7 of sum |a||b| per element.
+    a64, b64 = a.double(), b.double()
+    err = (got.double() - a64 @ b64).abs()
+    bound = 2.0 ** -7 * (a64.abs() @ b64.abs()) + 1e-30
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(), what
+    assert (err <= bound).all(), f"{what}: worst error {(err / bound).max().item():.2f}x the bound"
+
+
+def _chosen(lines, gemm):
+    [line] = [line for line in lines if line.startswith(gemm)]
+    return line.split(" -> ")[1].split(" ")[0]
+
+
+@pytest.mark.parametrize("tokens,in_f,out_f,rank", [(1, 32, 40, 1), (3, 45, 33, 7), (33, 77, 96, 14),
+                                                      (64, 800, 70, 16), (17, 1000, 50, 15)])
+def test_shrink_and_dt_run_our_kernel_and_match_float64(tokens, in_f, out_f, rank):
+    x = torch.randn(tokens, in_f).bfloat16()
+    a = torch.randn(in_f, rank).bfloat16()
+    dy, b, t = torch.randn(tokens, out_f).bfloat16(), torch.randn(rank, out_f).bfloat16(), torch.randn(tokens, rank).bfloat16()
+    ops = torch.ops.msplora
+    torch.ops.msplora.forget_gemm_choices()
+    with settings.overridden(cpu_gemm="fused"):
+        shrunk = ops.shrink(x, a, 0.0, SEED)
+        dt, db = ops.grad_t_b(dy, t, b)
+        lines = gemm_choices()
+    assert _chosen(lines, "shrink: x A") == "thin" and _chosen(lines, "grad: dT = dy B^T") == "thin", lines
+    _assert_bf16_product(shrunk, x, a, "shrink")
+    _assert_bf16_product(dt, dy, b.t(), "dT")
+    _assert_bf16_product(db, t.t(), dy, "dB (ATen)")
+
+
+def test_the_shrink_with_dropout_multiplies_the_dropped_input():
+    x, a = torch.randn(50, 300).bfloat16(), torch.randn(300, 14).bfloat16()
+    with settings.overridden(cpu_gemm="fused"):
+        shrunk = torch.ops.msplora.shrink(x, a, 0.3, SEED)
+    dropped = torch.ops.msplora.dropout(x, 0.3, SEED)
+    assert (dropped == 0).any() and (dropped != 0).any()
+    _assert_bf16_product(shrunk, dropped, a, "shrink with dropout")
+
+
+def test_auto_times_our_kernel_only_where_it_applies():
+    layer = mk.MSPLoraLinear(512, 384, ranks=(8, 4, 2), dropout=0.1, backend="cpp", dtype=torch.bfloat16).train()
+    x = torch.randn(256, 512, dtype=torch.bfloat16, requires_grad=True)
+    torch.ops.msplora.forget_gemm_choices()
+    layer(x).sum().backward()
+    lines = gemm_choices()
+    for line in lines:
+        offered = "thin " in line.split(" -> ")[1]
+        assert offered == line.startswith(("shrink: x A", "grad: dT = dy B^T")), line
+    # Wider than 16 ranks, or fp32: not offered.
+    torch.ops.msplora.forget_gemm_choices()
+    torch.ops.msplora.shrink(torch.randn(64, 256).bfloat16(), torch.randn(256, 17).bfloat16(), 0.0, SEED)
+    torch.ops.msplora.shrink(torch.randn(64, 256), torch.randn(256, 8), 0.0, SEED)
+    assert not any("thin" in line for line in gemm_choices())
