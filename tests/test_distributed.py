@@ -36,8 +36,12 @@ def _run(tmp_path, mode, *extra, nproc=2, steps=STEPS):
                    "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT)]
         cmd += ["--mode", mode, "--steps", str(steps), *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-        # A port found free can be taken before torchrun binds it; only that is worth another try.
-        if proc.returncode == 0 or "address already in use" not in (proc.stdout + proc.stderr).lower():
+        # Worth another try, and nothing else: a port found free but taken before torchrun binds it,
+        # and gloo aborting a rank at teardown after every step ran ("terminate called without an
+        # active exception" after destroy_process_group; about 1 run in 6 here, an upstream bug).
+        text = (proc.stdout + proc.stderr).lower()
+        teardown_abort = f"step {steps}: loss" in text and "terminate called without an active exception" in text
+        if proc.returncode == 0 or not ("address already in use" in text or teardown_abort):
             break
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
