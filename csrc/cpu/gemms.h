@@ -85,7 +85,9 @@ struct Candidate {
   bool transposed;
   bool fused = false;
   bool thin = false;
+  bool separate = false;  // for a pass that computes two products: each on its own choice
   const char* name() const {
+    if (separate) return "separate";
     if (fused) return "fused";
     if (thin) return "thin";
     return onednn ? (transposed ? "onednn:transposed" : "onednn:plain") : (transposed ? "aten:transposed" : "aten:plain");
@@ -104,6 +106,7 @@ inline bool mode_is_onednn(CpuGemm mode) {
 
 // Whether the cpu_gemm setting allows candidate c.
 inline bool allowed(CpuGemm mode, const Candidate& c) {
+  if (c.separate) return mode != CpuGemm::kFused;
   if (c.fused || c.thin) return mode == CpuGemm::kAuto || mode == CpuGemm::kFused;
   switch (mode) {
     case CpuGemm::kAuto: return true;
@@ -197,17 +200,18 @@ inline void make_cold() {
   for (size_t i = 0; i < sweep.size(); i += 64) sweep[i] += 1;  // one write a cache line
 }
 
-// The candidate for this GEMM: the one measured fastest (once per shape class), or the only one allowed.
-template <typename Run>
-Candidate choose(const char* gemm, at::ScalarType dtype, int64_t m, int64_t k, int64_t n, bool transposable,
-                 const Run& run, bool fusable = false, bool thin = false) {
+// The candidate for this GEMM among candidates(): the one measured fastest (once per shape class),
+// or the only one.
+template <typename Candidates, typename Run>
+Candidate choose_from(const char* gemm, at::ScalarType dtype, int64_t m, int64_t k, int64_t n,
+                      const Candidates& make_candidates, const Run& run) {
   const ChoiceKey key{gemm, dtype, static_cast<int>(cpu_gemm()), size_class(m), size_class(k), size_class(n)};
   {
     std::lock_guard<std::mutex> lock(choices_mutex());
     auto it = choices().find(key);
     if (it != choices().end()) return it->second.candidate;
   }
-  const std::vector<Candidate> candidates = allowed_candidates(dtype, transposable, fusable, thin);
+  const std::vector<Candidate> candidates = make_candidates();
   Candidate best = candidates.front();
   std::ostringstream timings;
   if (candidates.size() > 1) {
@@ -252,6 +256,27 @@ Candidate choose(const char* gemm, at::ScalarType dtype, int64_t m, int64_t k, i
   std::lock_guard<std::mutex> lock(choices_mutex());
   choices().emplace(key, Choice{best, timings.str()});
   return best;
+}
+
+// The candidate for this GEMM: the one measured fastest (once per shape class), or the only one allowed.
+template <typename Run>
+Candidate choose(const char* gemm, at::ScalarType dtype, int64_t m, int64_t k, int64_t n, bool transposable,
+                 const Run& run, bool fusable = false, bool thin = false) {
+  return choose_from(gemm, dtype, m, k, n, [&] { return allowed_candidates(dtype, transposable, fusable, thin); }, run);
+}
+
+// Whether to compute two products in one pass (our kernel) or separately (each on its own
+// choice), measured once per shape class like a GEMM's candidates.
+template <typename Run>
+bool one_pass(const char* gemm, at::ScalarType dtype, int64_t m, int64_t k, int64_t n, const Run& run) {
+  auto make_candidates = [] {
+    std::vector<Candidate> out;
+    for (const Candidate c : {Candidate{false, false, false, true}, Candidate{false, false, false, false, true}}) {
+      if (allowed(cpu_gemm(), c)) out.push_back(c);
+    }
+    return out;
+  };
+  return choose_from(gemm, dtype, m, k, n, make_candidates, run).thin;
 }
 
 // One line per choice made so far: GEMM, dtype, shape class -> candidate (timings).

@@ -12,6 +12,7 @@
 #include "fused_expand.h"
 #include "gemms.h"
 #include "masking.h"
+#include "thin_product.h"
 
 namespace msplora {
 namespace {
@@ -103,7 +104,14 @@ at::Tensor expand_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 
 std::tuple<at::Tensor, at::Tensor> grad_t_b_cpu(const at::Tensor& dy, const at::Tensor& t, const at::Tensor& b) {
   check_grad_t_b_args(dy, t, b);
-  return {product("grad: dT = dy B^T", dy, b.t()), product("grad: dB = T^T dy", t.t(), dy)};
+  auto separate = [&]() -> std::tuple<at::Tensor, at::Tensor> {
+    return {product("grad: dT = dy B^T", dy, b.t()), product("grad: dB = T^T dy", t.t(), dy)};
+  };
+  // Both read dy: in bf16 our kernel can compute them in one pass over it.
+  if (!thin_product::grads_apply(dy, t, b)) return separate();
+  const bool ours = one_pass("grad: dT and dB in one pass over dy", dy.scalar_type(), dy.size(0), dy.size(1), t.size(1),
+                             [&](const Candidate& c) { c.thin ? thin_product::grads(dy, t, b) : separate(); });
+  return ours ? thin_product::grads(dy, t, b) : separate();
 }
 
 // dx = dy W + mask * (dt a^T), the mask from a seed or from bits: the skinny term first, the big

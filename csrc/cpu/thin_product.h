@@ -7,6 +7,12 @@
 // bench/NOTES.md, twelfth session). This kernel walks x row by row, two rows at a time, with one
 // fp32 accumulator per (row, rank) summed along K, and prefetches the rows it will read next;
 // cold it takes 340-430 us there.
+//
+// dT = dy B^T and dB = T^T dy both read dy. grads() makes one pass over it: each thread takes
+// chunks of dy's rows, computes their rows of dT as above (reading them from memory) and then,
+// while they are in L2, adds their share of dB: pairs of rows interleaved into vdpbf16ps's pairs,
+// one fp32 accumulator per rank and 16 columns. (Run alone, from memory, that second kernel never
+// beat ATen; from L2 it does not need to.)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MSPLORA_THIN_PRODUCT 1
@@ -31,7 +38,8 @@ constexpr int64_t kPrefetchBytes = 16384;  // how far ahead in x the rows are pr
 // Whether this CPU (and build) can run the kernel.
 inline bool available() {
 #ifdef MSPLORA_THIN_PRODUCT
-  static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
   return yes;
 #else
   return false;
@@ -44,12 +52,21 @@ inline bool applies(const at::Tensor& a, const at::Tensor& b) {
          b.dim() == 2 && b.size(1) >= 1 && b.size(1) <= kMaxRank && a.size(1) >= kKStep && a.stride(1) == 1;
 }
 
+// Whether grads(dy, t, b) can run here: bf16, dy's rows contiguous, t (M x R) and b (R x N) thin.
+inline bool grads_apply(const at::Tensor& dy, const at::Tensor& t, const at::Tensor& b) {
+  return available() && dy.scalar_type() == at::kBFloat16 && t.scalar_type() == at::kBFloat16 &&
+         b.scalar_type() == at::kBFloat16 && dy.dim() == 2 && t.dim() == 2 && b.dim() == 2 && dy.stride(1) == 1 &&
+         dy.size(1) >= kKStep && dy.size(0) > 0 && t.size(1) >= 1 && t.size(1) <= kMaxRank;
+}
+
+constexpr int64_t kChunkBytes = 512 * 1024;  // dy's rows a thread takes at a time: they stay in L2 between the two kernels
+
 #ifdef MSPLORA_THIN_PRODUCT
-#define MSPLORA_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#define MSPLORA_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 // Rows [m0, m1) of out = x a, with at = a^T (R x K, row-major). ROWS rows share each load of at.
 template <int R, int ROWS>
-MSPLORA_BF16_TARGET void rows(const uint16_t* x, int64_t ldx, const uint16_t* at, int64_t k_total, uint16_t* out,
+MSPLORA_BF16_TARGET void rows_of(const uint16_t* x, int64_t ldx, const uint16_t* at, int64_t k_total, uint16_t* out,
                               int64_t m0, int64_t m1) {
   const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (ldx * 2)) * ldx;  // elements
   for (int64_t m = m0; m < m1; m += ROWS) {
@@ -87,7 +104,7 @@ template <int R>
 void run_rank(const uint16_t* x, int64_t ldx, const uint16_t* at, int64_t k, uint16_t* out, int64_t m) {
   constexpr int kRows = R <= 14 ? 2 : 1;
   at::parallel_for(0, (m + kRows - 1) / kRows, 32, [&](int64_t begin, int64_t end) {
-    rows<R, kRows>(x, ldx, at, k, out, begin * kRows, std::min(m, end * kRows));
+    rows_of<R, kRows>(x, ldx, at, k, out, begin * kRows, std::min(m, end * kRows));
   });
 }
 
@@ -95,6 +112,65 @@ template <int... Rs>
 void dispatch(int64_t r, std::integer_sequence<int, Rs...>, const uint16_t* x, int64_t ldx, const uint16_t* at,
               int64_t k, uint16_t* out, int64_t m) {
   ((r == Rs + 1 ? run_rank<Rs + 1>(x, ldx, at, k, out, m) : void()), ...);
+}
+// out32 (R x n_pad fp32) += t^T y over pairs [p0, p1) of y's rows (L2-resident), with tp the pairs
+// of t's rows (tp[p * R + j] = t[2p][j] | t[2p + 1][j] << 16; zero past M) and y's row 2p + 1 past
+// M read from `zeros`. GROUPS blocks of 16 columns share each broadcast of a pair of t.
+template <int R, int GROUPS>
+MSPLORA_BF16_TARGET void pair_rows(const uint32_t* tp, const uint16_t* y, int64_t ldy, int64_t m, int64_t n,
+                                   const uint16_t* zeros, float* out32, int64_t n_pad, int64_t p0, int64_t p1) {
+  constexpr int64_t kCols = 16 * GROUPS;  // n_pad is a multiple of 32: every block is whole
+  for (int64_t c0 = 0; c0 < n_pad; c0 += kCols) {
+    __mmask16 mask[GROUPS];
+    __m512 acc[GROUPS][R];
+    _Pragma("GCC unroll 16") for (int g = 0; g < GROUPS; ++g) {
+      const int64_t left = n - (c0 + 16 * g);
+      mask[g] = left >= 16 ? static_cast<__mmask16>(0xFFFF) : left > 0 ? static_cast<__mmask16>((1u << left) - 1) : 0;
+      _Pragma("GCC unroll 16") for (int j = 0; j < R; ++j) acc[g][j] = _mm512_loadu_ps(out32 + j * n_pad + c0 + 16 * g);
+    }
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint16_t* r0 = y + 2 * p * ldy;
+      const uint16_t* r1 = 2 * p + 1 < m ? r0 + ldy : zeros;
+      __m512i pair[GROUPS];
+      _Pragma("GCC unroll 16") for (int g = 0; g < GROUPS; ++g) {
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask[g], r0 + c0 + 16 * g));
+        const __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask[g], r1 + c0 + 16 * g));
+        pair[g] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+      }
+      _Pragma("GCC unroll 16") for (int j = 0; j < R; ++j) {
+        const __m512i tj = _mm512_set1_epi32(static_cast<int>(tp[p * R + j]));
+        _Pragma("GCC unroll 16") for (int g = 0; g < GROUPS; ++g) {
+          acc[g][j] = _mm512_dpbf16_ps(acc[g][j], (__m512bh)pair[g], (__m512bh)tj);
+        }
+      }
+    }
+    _Pragma("GCC unroll 16") for (int g = 0; g < GROUPS; ++g) {
+      _Pragma("GCC unroll 16") for (int j = 0; j < R; ++j) _mm512_storeu_ps(out32 + j * n_pad + c0 + 16 * g, acc[g][j]);
+    }
+  }
+}
+
+// dT rows and the threads' dB partials, a chunk of dy's rows at a time (`rows` even).
+template <int R>
+void grads_rank(const uint16_t* dy, int64_t ldy, int64_t m, int64_t n, const uint16_t* b, const uint32_t* tp,
+                const uint16_t* zeros, uint16_t* dt, float* buffers, int64_t n_pad, int64_t rows) {
+  constexpr int kRows = R <= 14 ? 2 : 1;
+  constexpr int kGroups = R <= 14 ? 2 : 1;
+  at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
+    float* mine = buffers + at::get_thread_num() * R * n_pad;
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t r0 = c * rows, r1 = std::min(m, r0 + rows);
+      rows_of<R, kRows>(dy, ldy, b, n, dt, r0, r1);
+      pair_rows<R, kGroups>(tp, dy, ldy, m, n, zeros, mine, n_pad, r0 / 2, (r1 + 1) / 2);
+    }
+  });
+}
+
+template <int... Rs>
+void dispatch_grads(int64_t r, std::integer_sequence<int, Rs...>, const uint16_t* dy, int64_t ldy, int64_t m, int64_t n,
+                    const uint16_t* b, const uint32_t* tp, const uint16_t* zeros, uint16_t* dt, float* buffers,
+                    int64_t n_pad, int64_t rows) {
+  ((r == Rs + 1 ? grads_rank<Rs + 1>(dy, ldy, m, n, b, tp, zeros, dt, buffers, n_pad, rows) : void()), ...);
 }
 #undef MSPLORA_BF16_TARGET
 #endif
@@ -110,6 +186,30 @@ inline at::Tensor run(const at::Tensor& a, const at::Tensor& b) {
            reinterpret_cast<uint16_t*>(out.data_ptr()), a.size(0));
 #endif
   return out;
+}
+
+// (dT, dB) = (dy b^T, t^T dy) in one pass over dy, where grads_apply(dy, t, b); row-major.
+inline std::tuple<at::Tensor, at::Tensor> grads(const at::Tensor& dy, const at::Tensor& t, const at::Tensor& b) {
+  TORCH_CHECK(grads_apply(dy, t, b), "msplora: the one-pass thin gradients do not apply to dy ", dy.sizes(), ", T ",
+              t.sizes(), ", B ", b.sizes());
+  const int64_t m = dy.size(0), n = dy.size(1), r = t.size(1);
+  const int64_t n_pad = (n + 31) / 32 * 32;
+  at::Tensor dt = at::empty({m, r}, dy.options());
+  at::Tensor buffers = at::zeros({at::get_num_threads(), r, n_pad}, dy.options().dtype(at::kFloat));
+#ifdef MSPLORA_THIN_PRODUCT
+  // Pairs of t's rows as vdpbf16ps takes them: row 2p in the low half, 2p + 1 in the high one.
+  at::Tensor padded = at::zeros({(m + 1) / 2 * 2, r}, t.options());
+  padded.narrow(0, 0, m).copy_(t);
+  const at::Tensor pairs = padded.view({-1, 2, r}).transpose(1, 2).contiguous();
+  const at::Tensor zeros = at::zeros({n_pad}, dy.options());
+  const at::Tensor bc = b.contiguous();
+  const int64_t rows = std::max<int64_t>(2, kChunkBytes / (n * 2)) / 2 * 2;
+  dispatch_grads(r, std::make_integer_sequence<int, kMaxRank>{}, reinterpret_cast<const uint16_t*>(dy.data_ptr()),
+                 dy.stride(0), m, n, reinterpret_cast<const uint16_t*>(bc.data_ptr()),
+                 reinterpret_cast<const uint32_t*>(pairs.data_ptr()), reinterpret_cast<const uint16_t*>(zeros.data_ptr()),
+                 reinterpret_cast<uint16_t*>(dt.data_ptr()), buffers.data_ptr<float>(), n_pad, rows);
+#endif
+  return {dt, buffers.sum(0).narrow(1, 0, n).to(dy.scalar_type())};
 }
 
 }  // namespace thin_product
