@@ -11,7 +11,8 @@ resolved to.
                                              library:orientation (aten:plain, ..., onednn:transposed),
                                              or fused (our kernels where one applies: the products
                                              that write an (M, N) tensor with the mask and bias, and
-                                             bf16 products with a thin right factor; ATen elsewhere)
+                                             in bf16 at a total rank up to 16 the shrink and dT with
+                                             dB in one pass; ATen elsewhere)
     cuda_skinny     $MSPLORA_CUDA_SKINNY     the cuda backend's rank-R products: auto, kernels or cublas
     triton_forward  $MSPLORA_TRITON_FORWARD  the triton backend's forward: split (two kernels) or onepass
     triton_gemm     $MSPLORA_TRITON_GEMM     the triton backend's frozen GEMMs: auto (both paths timed once
