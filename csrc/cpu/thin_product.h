@@ -1,5 +1,5 @@
-// Our kernel for a bf16 product with a thin right factor: out (M x R) = x (M x K) a (K x R), R <= 16,
-// on CPUs with AVX512-BF16 (vdpbf16ps). The shrink (x A) and dT = dy B^T have this form.
+// Our kernels for the adapter's bf16 products with a thin factor (R <= 16 ranks), on CPUs with
+// AVX512-BF16 (vdpbf16ps). First out (M x R) = x (M x K) a (K x R): the shrink x A and dT = dy B^T.
 //
 // In a training step such a product reads x (or dy) from memory: the frozen GEMMs in between
 // stream the caches. There the libraries' GEMMs run at 10-15 GB/s of x, far below streaming
@@ -35,7 +35,7 @@ constexpr int64_t kMaxRank = 16;      // accumulators: 2 rows x 14 ranks (or 1 x
 constexpr int64_t kKStep = 32;        // bf16 elements of K per vector
 constexpr int64_t kPrefetchBytes = 16384;  // how far ahead in x the rows are prefetched
 
-// Whether this CPU (and build) can run the kernel.
+// Whether this CPU (and build) can run the kernels.
 inline bool available() {
 #ifdef MSPLORA_THIN_PRODUCT
   static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
@@ -67,7 +67,7 @@ constexpr int64_t kChunkBytes = 512 * 1024;  // dy's rows a thread takes at a ti
 // Rows [m0, m1) of out = x a, with at = a^T (R x K, row-major). ROWS rows share each load of at.
 template <int R, int ROWS>
 MSPLORA_BF16_TARGET void rows_of(const uint16_t* x, int64_t ldx, const uint16_t* at, int64_t k_total, uint16_t* out,
-                              int64_t m0, int64_t m1) {
+                                 int64_t m0, int64_t m1) {
   const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (ldx * 2)) * ldx;  // elements
   for (int64_t m = m0; m < m1; m += ROWS) {
     const int n = static_cast<int>(std::min<int64_t>(ROWS, m1 - m));
