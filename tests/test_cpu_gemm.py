@@ -97,10 +97,10 @@ def test_a_setting_restricts_the_candidates(mode, names):
 def test_fused_runs_our_kernels_where_they_apply_and_auto_times_them():
     # The products that write a whole (M, N) tensor (expand, dx's adapter term) have our fused
     # kernel as a candidate, and in bf16 on CPUs with AVX512-BF16 the thin products ours too (the
-    # shrink, and dT with dB in one pass: test_thin_product.py); the others fall back to ATen
-    # under cpu_gemm=fused.
+    # shrink, dT with dB in one pass, dA: test_thin_product.py); the frozen GEMMs fall back to
+    # ATen under cpu_gemm=fused.
     full_width = ("expand: T B", "grad: dT A^T")
-    thin = ("shrink: x A", "grad: dT and dB in one pass over dy")
+    thin = ("shrink: x A", "grad: dT and dB in one pass over dy", "grad: dA = x^T dT")
     for dtype in (torch.float32, torch.bfloat16):
         with settings.overridden(cpu_gemm="fused"):
             lines = _choices_for(_layer_step(dtype=dtype))

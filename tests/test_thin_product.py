@@ -1,5 +1,6 @@
 """Our bf16 kernels for the thin products (csrc/cpu/thin_product.h), which the cpp backend may run
-on CPUs with AVX512-BF16: the shrink x A, and dT = dy B^T with dB = T^T dy in one pass over dy.
+on CPUs with AVX512-BF16: the shrink x A, dT = dy B^T with dB = T^T dy in one pass over dy, and
+dA = x^T dT (or dB alone, where the pass is not chosen) with the thin factor on the left.
 Forced through cpu_gemm=fused, against float64, at ragged sizes (widths not a multiple of the
 32-element vector, odd token counts, every rank up to 16)."""
 import pytest
@@ -44,12 +45,15 @@ def test_shrink_and_the_one_pass_gradients_run_our_kernels_and_match_float64(tok
     with settings.overridden(cpu_gemm="fused"):
         shrunk = ops.shrink(x, a, 0.0, SEED)
         dt, db = ops.grad_t_b(dy, t, b)
+        da = ops.grad_a(dy, t, 0.0, SEED)  # dy standing in for x: (tokens, out_f)
         lines = gemm_choices()
     assert _chosen(lines, "shrink: x A") == "thin", lines
     assert _chosen(lines, "grad: dT and dB in one pass over dy") == "thin", lines
+    assert _chosen(lines, "grad: dA = x^T dT") == "thin", lines
     _assert_bf16_product(shrunk, x, a, "shrink")
     _assert_bf16_product(dt, dy, b.t(), "dT")
     _assert_bf16_product(db, t.t(), dy, "dB")
+    _assert_bf16_product(da, dy.t(), t, "dA")
 
 
 def test_the_shrink_with_dropout_multiplies_the_dropped_input():
@@ -69,8 +73,10 @@ def test_auto_times_our_kernel_only_where_it_applies():
     lines = gemm_choices()
     for line in lines:
         offered = "thin " in line.split(" -> ")[1]
-        # dT's own product (timed inside the separate candidate) can take the thin kernel; dB's cannot.
-        assert offered == line.startswith(("shrink: x A", "grad: dT = dy B^T", "grad: dT and dB in one pass")), line
+        # Every thin product is offered ours (dT's and dB's own products are timed inside the
+        # separate candidate); the full-width and frozen ones are not.
+        assert offered == line.startswith(("shrink: x A", "grad: dT = dy B^T", "grad: dB = T^T dy",
+                                           "grad: dT and dB in one pass", "grad: dA = x^T dT")), line
     # Wider than 16 ranks, or fp32: not offered.
     torch.ops.msplora.forget_gemm_choices()
     torch.ops.msplora.shrink(torch.randn(64, 256).bfloat16(), torch.randn(256, 17).bfloat16(), 0.0, SEED)

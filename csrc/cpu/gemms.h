@@ -295,9 +295,9 @@ inline void forget_gemm_choices() {
   choices().clear();
 }
 
-// a @ b with candidate c; the result is row-major unless c is transposed (then column-major).
+// a @ b with candidate c; the result is row-major unless c is transposed, or thin for dA (then column-major).
 inline at::Tensor product_with(const Candidate& c, const at::Tensor& a, const at::Tensor& b) {
-  if (c.thin) return thin_product::applies(a, b) ? thin_product::run(a, b) : at::mm(a, b);
+  if (c.thin) return thin_product::form(a, b) != thin_product::Form::kNone ? thin_product::run(a, b) : at::mm(a, b);
   if (c.onednn) {
     return c.transposed ? onednn_linear(b.t(), a, c10::nullopt).t() : onednn_linear(a, b.t(), c10::nullopt);
   }
@@ -310,7 +310,7 @@ inline at::Tensor product(const char* gemm, const at::Tensor& a, const at::Tenso
   if (a.numel() == 0 || b.numel() == 0) return at::mm(a, b);
   const Candidate c = choose(gemm, a.scalar_type(), a.size(0), a.size(1), b.size(1), transposable,
                              [&](const Candidate& cand) { product_with(cand, a, b); }, /*fusable=*/false,
-                             thin_product::applies(a, b));
+                             thin_product::form(a, b) != thin_product::Form::kNone);
   return product_with(c, a, b).contiguous();
 }
 

@@ -11,8 +11,9 @@
 // dT = dy B^T and dB = T^T dy both read dy. grads() makes one pass over it: each thread takes
 // chunks of dy's rows, computes their rows of dT as above (reading them from memory) and then,
 // while they are in L2, adds their share of dB: pairs of rows interleaved into vdpbf16ps's pairs,
-// one fp32 accumulator per rank and 16 columns. (Run alone, from memory, that second kernel never
-// beat ATen; from L2 it does not need to.)
+// one fp32 accumulator per rank and 16 columns. The same kernel runs dB (T^T dy) and dA (x^T dT,
+// as (dT^T x)^T) alone: reading its operand from memory by column blocks it never beat ATen, so
+// each chunk of rows is first read in row order (which the hardware prefetches) into L2.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -60,6 +61,23 @@ inline bool grads_apply(const at::Tensor& dy, const at::Tensor& t, const at::Ten
 }
 
 constexpr int64_t kChunkBytes = 512 * 1024;  // dy's rows a thread takes at a time: they stay in L2 between the two kernels
+constexpr int64_t kPullBytes = 128 * 1024;   // rows read into L2 at a time before the thin-on-the-left kernel
+
+enum class Form { kNone, kThinRight, kThinLeft, kThinRightTransposed };
+
+// Which kernel can run a @ b: x a (a thin, x's rows contiguous), t^T y (t^T thin, y's rows
+// contiguous: dB) or x^T t (t thin, x's rows contiguous: dA).
+inline Form form(const at::Tensor& a, const at::Tensor& b) {
+  if (!available() || a.scalar_type() != at::kBFloat16 || b.scalar_type() != at::kBFloat16 || a.dim() != 2 ||
+      b.dim() != 2 || a.numel() == 0 || b.numel() == 0) {
+    return Form::kNone;
+  }
+  const bool thin_b = b.size(1) <= kMaxRank;
+  if (thin_b && a.stride(1) == 1 && a.size(1) >= kKStep) return Form::kThinRight;
+  if (a.size(0) <= kMaxRank && b.stride(1) == 1 && b.size(1) >= kKStep) return Form::kThinLeft;
+  if (thin_b && a.stride(0) == 1 && a.size(0) >= kKStep) return Form::kThinRightTransposed;
+  return Form::kNone;
+}
 
 #ifdef MSPLORA_THIN_PRODUCT
 #define MSPLORA_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -172,20 +190,85 @@ void dispatch_grads(int64_t r, std::integer_sequence<int, Rs...>, const uint16_t
                     int64_t n_pad, int64_t rows) {
   ((r == Rs + 1 ? grads_rank<Rs + 1>(dy, ldy, m, n, b, tp, zeros, dt, buffers, n_pad, rows) : void()), ...);
 }
+// Reads rows [r0, r1) of y in row order, so that the hardware prefetcher streams them into the
+// caches; returns an OR of what it read so that the loads stay.
+MSPLORA_BF16_TARGET inline uint64_t pull(const uint16_t* y, int64_t ldy, int64_t n, int64_t r0, int64_t r1) {
+  __m512i seen = _mm512_setzero_si512();
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t c = 0; c + kKStep <= n; c += kKStep) seen = _mm512_or_si512(seen, _mm512_loadu_si512(y + r * ldy + c));
+  }
+  return static_cast<uint64_t>(_mm512_reduce_or_epi64(seen));
+}
+
+// The threads' partials of t^T y, a chunk of y's rows at a time (`rows` even): pulled, then summed.
+template <int R>
+void left_rank(const uint16_t* y, int64_t ldy, int64_t m, int64_t n, const uint32_t* tp, const uint16_t* zeros,
+               float* buffers, int64_t n_pad, int64_t rows) {
+  constexpr int kGroups = R <= 14 ? 2 : 1;
+  at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
+    float* mine = buffers + at::get_thread_num() * R * n_pad;
+    volatile uint64_t sink = 0;
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t r0 = c * rows, r1 = std::min(m, r0 + rows);
+      sink = sink | pull(y, ldy, n, r0, r1);
+      pair_rows<R, kGroups>(tp, y, ldy, m, n, zeros, mine, n_pad, r0 / 2, (r1 + 1) / 2);
+    }
+  });
+}
+
+template <int... Rs>
+void dispatch_left(int64_t r, std::integer_sequence<int, Rs...>, const uint16_t* y, int64_t ldy, int64_t m, int64_t n,
+                   const uint32_t* tp, const uint16_t* zeros, float* buffers, int64_t n_pad, int64_t rows) {
+  ((r == Rs + 1 ? left_rank<Rs + 1>(y, ldy, m, n, tp, zeros, buffers, n_pad, rows) : void()), ...);
+}
 #undef MSPLORA_BF16_TARGET
 #endif
 
-// a @ b (row-major M x R) where applies(a, b).
-inline at::Tensor run(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(applies(a, b), "msplora: the thin product does not apply to ", a.sizes(), " @ ", b.sizes());
-  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+// x a, row-major (M x R), where applies(x, a).
+inline at::Tensor thin_right(const at::Tensor& x, const at::Tensor& a) {
+  TORCH_CHECK(applies(x, a), "msplora: the thin product does not apply to ", x.sizes(), " @ ", a.sizes());
+  at::Tensor out = at::empty({x.size(0), a.size(1)}, x.options());
 #ifdef MSPLORA_THIN_PRODUCT
-  const at::Tensor bt = b.t().contiguous();
-  dispatch(b.size(1), std::make_integer_sequence<int, kMaxRank>{}, reinterpret_cast<const uint16_t*>(a.data_ptr()),
-           a.stride(0), reinterpret_cast<const uint16_t*>(bt.data_ptr()), a.size(1),
-           reinterpret_cast<uint16_t*>(out.data_ptr()), a.size(0));
+  const at::Tensor a_t = a.t().contiguous();
+  dispatch(a.size(1), std::make_integer_sequence<int, kMaxRank>{}, reinterpret_cast<const uint16_t*>(x.data_ptr()),
+           x.stride(0), reinterpret_cast<const uint16_t*>(a_t.data_ptr()), x.size(1),
+           reinterpret_cast<uint16_t*>(out.data_ptr()), x.size(0));
 #endif
   return out;
+}
+
+// Pairs of t's rows (M x R) as vdpbf16ps takes them: row 2p in the low half, 2p + 1 (or zero) in the high one.
+inline at::Tensor row_pairs(const at::Tensor& t) {
+  const int64_t m = t.size(0), r = t.size(1);
+  at::Tensor padded = at::zeros({(m + 1) / 2 * 2, r}, t.options());
+  padded.narrow(0, 0, m).copy_(t);
+  return padded.view({-1, 2, r}).transpose(1, 2).contiguous();
+}
+
+// t^T y, row-major (R x N): t (M x R), y (M x N) with contiguous rows.
+inline at::Tensor thin_left(const at::Tensor& t, const at::Tensor& y) {
+  const int64_t m = y.size(0), n = y.size(1), r = t.size(1);
+  const int64_t n_pad = (n + 31) / 32 * 32;
+  at::Tensor buffers = at::zeros({at::get_num_threads(), r, n_pad}, y.options().dtype(at::kFloat));
+#ifdef MSPLORA_THIN_PRODUCT
+  const at::Tensor pairs = row_pairs(t);
+  const at::Tensor zeros = at::zeros({n_pad}, y.options());
+  const int64_t rows = std::max<int64_t>(2, kPullBytes / (n * 2)) / 2 * 2;
+  dispatch_left(r, std::make_integer_sequence<int, kMaxRank>{}, reinterpret_cast<const uint16_t*>(y.data_ptr()),
+                y.stride(0), m, n, reinterpret_cast<const uint32_t*>(pairs.data_ptr()),
+                reinterpret_cast<const uint16_t*>(zeros.data_ptr()), buffers.data_ptr<float>(), n_pad, rows);
+#endif
+  return buffers.sum(0).narrow(1, 0, n).to(y.scalar_type());
+}
+
+// a @ b by the kernel form(a, b) names: row-major, but column-major for x^T t (dA).
+inline at::Tensor run(const at::Tensor& a, const at::Tensor& b) {
+  switch (form(a, b)) {
+    case Form::kThinRight: return thin_right(a, b);
+    case Form::kThinLeft: return thin_left(a.t(), b);
+    case Form::kThinRightTransposed: return thin_left(b, a.t()).t();
+    default: TORCH_CHECK(false, "msplora: no thin kernel takes ", a.sizes(), " @ ", b.sizes());
+  }
 }
 
 // (dT, dB) = (dy b^T, t^T dy) in one pass over dy, where grads_apply(dy, t, b); row-major.
@@ -197,10 +280,7 @@ inline std::tuple<at::Tensor, at::Tensor> grads(const at::Tensor& dy, const at::
   at::Tensor dt = at::empty({m, r}, dy.options());
   at::Tensor buffers = at::zeros({at::get_num_threads(), r, n_pad}, dy.options().dtype(at::kFloat));
 #ifdef MSPLORA_THIN_PRODUCT
-  // Pairs of t's rows as vdpbf16ps takes them: row 2p in the low half, 2p + 1 in the high one.
-  at::Tensor padded = at::zeros({(m + 1) / 2 * 2, r}, t.options());
-  padded.narrow(0, 0, m).copy_(t);
-  const at::Tensor pairs = padded.view({-1, 2, r}).transpose(1, 2).contiguous();
+  const at::Tensor pairs = row_pairs(t);
   const at::Tensor zeros = at::zeros({n_pad}, dy.options());
   const at::Tensor bc = b.contiguous();
   const int64_t rows = std::max<int64_t>(2, kChunkBytes / (n * 2)) / 2 * 2;
