@@ -18,7 +18,7 @@ def test_the_report_says_what_a_bug_report_needs():
     text = format_report(env)
     for line in ("compiled extension: loaded, built at install for torch", "CPU: ", "GPU: ", "settings: backend=",
                  "  cpp: cpu: available", "  cuda: cpu: not available (runs on cuda tensors only)",
-                 "ATen, oneDNN or our fused expand per GEMM and shape class (cpu_gemm=auto)"):
+                 "ATen, oneDNN or our kernels per GEMM and shape class (cpu_gemm=auto)"):
         assert line in text, line
     with settings.overridden(cpu_gemm="aten"):
         assert "cpu_gemm=aten (configure())" in format_report(environment())

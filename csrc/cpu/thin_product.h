@@ -23,6 +23,8 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MSPLORA_THIN_PRODUCT 1
@@ -36,6 +38,22 @@ constexpr int64_t kMaxRank = 16;      // accumulators: 2 rows x 14 ranks (or 1 x
 constexpr int64_t kKStep = 32;        // bf16 elements of K per vector
 constexpr int64_t kPrefetchBytes = 16384;  // how far ahead in x the rows are prefetched
 
+// Rows (or 16-column groups) that share each load: two while their 2R accumulators, with the
+// operands, fit the 32 zmm registers.
+template <int R>
+constexpr int kShared = R <= 14 ? 2 : 1;
+
+// f(std::integral_constant<int, r>{}) for a runtime rank r in 1..kMaxRank: the kernels are
+// compiled per rank so that their accumulators stay in registers.
+template <typename F, int... Rs>
+void with_rank(int64_t r, const F& f, std::integer_sequence<int, Rs...>) {
+  ((r == Rs + 1 ? f(std::integral_constant<int, Rs + 1>{}) : void()), ...);
+}
+template <typename F>
+void with_rank(int64_t r, const F& f) {
+  with_rank(r, f, std::make_integer_sequence<int, kMaxRank>{});
+}
+
 // Whether this CPU (and build) can run the kernels.
 inline bool available() {
 #ifdef MSPLORA_THIN_PRODUCT
@@ -45,12 +63,6 @@ inline bool available() {
 #else
   return false;
 #endif
-}
-
-// Whether a @ b can run here: bf16, a thin b, a's rows contiguous.
-inline bool applies(const at::Tensor& a, const at::Tensor& b) {
-  return available() && a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && a.dim() == 2 &&
-         b.dim() == 2 && b.size(1) >= 1 && b.size(1) <= kMaxRank && a.size(1) >= kKStep && a.stride(1) == 1;
 }
 
 // Whether grads(dy, t, b) can run here: bf16, dy's rows contiguous, t (M x R) and b (R x N) thin.
@@ -120,17 +132,12 @@ MSPLORA_BF16_TARGET void rows_of(const uint16_t* x, int64_t ldx, const uint16_t*
 
 template <int R>
 void run_rank(const uint16_t* x, int64_t ldx, const uint16_t* at, int64_t k, uint16_t* out, int64_t m) {
-  constexpr int kRows = R <= 14 ? 2 : 1;
+  constexpr int kRows = kShared<R>;
   at::parallel_for(0, (m + kRows - 1) / kRows, 32, [&](int64_t begin, int64_t end) {
     rows_of<R, kRows>(x, ldx, at, k, out, begin * kRows, std::min(m, end * kRows));
   });
 }
 
-template <int... Rs>
-void dispatch(int64_t r, std::integer_sequence<int, Rs...>, const uint16_t* x, int64_t ldx, const uint16_t* at,
-              int64_t k, uint16_t* out, int64_t m) {
-  ((r == Rs + 1 ? run_rank<Rs + 1>(x, ldx, at, k, out, m) : void()), ...);
-}
 // out32 (R x n_pad fp32) += t^T y over pairs [p0, p1) of y's rows (L2-resident), with tp the pairs
 // of t's rows (tp[p * R + j] = t[2p][j] | t[2p + 1][j] << 16; zero past M) and y's row 2p + 1 past
 // M read from `zeros`. GROUPS blocks of 16 columns share each broadcast of a pair of t.
@@ -172,23 +179,14 @@ MSPLORA_BF16_TARGET void pair_rows(const uint32_t* tp, const uint16_t* y, int64_
 template <int R>
 void grads_rank(const uint16_t* dy, int64_t ldy, int64_t m, int64_t n, const uint16_t* b, const uint32_t* tp,
                 const uint16_t* zeros, uint16_t* dt, float* buffers, int64_t n_pad, int64_t rows) {
-  constexpr int kRows = R <= 14 ? 2 : 1;
-  constexpr int kGroups = R <= 14 ? 2 : 1;
   at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
     float* mine = buffers + at::get_thread_num() * R * n_pad;
     for (int64_t c = begin; c < end; ++c) {
       const int64_t r0 = c * rows, r1 = std::min(m, r0 + rows);
-      rows_of<R, kRows>(dy, ldy, b, n, dt, r0, r1);
-      pair_rows<R, kGroups>(tp, dy, ldy, m, n, zeros, mine, n_pad, r0 / 2, (r1 + 1) / 2);
+      rows_of<R, kShared<R>>(dy, ldy, b, n, dt, r0, r1);
+      pair_rows<R, kShared<R>>(tp, dy, ldy, m, n, zeros, mine, n_pad, r0 / 2, (r1 + 1) / 2);
     }
   });
-}
-
-template <int... Rs>
-void dispatch_grads(int64_t r, std::integer_sequence<int, Rs...>, const uint16_t* dy, int64_t ldy, int64_t m, int64_t n,
-                    const uint16_t* b, const uint32_t* tp, const uint16_t* zeros, uint16_t* dt, float* buffers,
-                    int64_t n_pad, int64_t rows) {
-  ((r == Rs + 1 ? grads_rank<Rs + 1>(dy, ldy, m, n, b, tp, zeros, dt, buffers, n_pad, rows) : void()), ...);
 }
 // Reads rows [r0, r1) of y in row order, so that the hardware prefetcher streams them into the
 // caches; returns an OR of what it read so that the loads stay.
@@ -204,61 +202,68 @@ MSPLORA_BF16_TARGET inline uint64_t pull(const uint16_t* y, int64_t ldy, int64_t
 template <int R>
 void left_rank(const uint16_t* y, int64_t ldy, int64_t m, int64_t n, const uint32_t* tp, const uint16_t* zeros,
                float* buffers, int64_t n_pad, int64_t rows) {
-  constexpr int kGroups = R <= 14 ? 2 : 1;
   at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
     float* mine = buffers + at::get_thread_num() * R * n_pad;
     volatile uint64_t sink = 0;
     for (int64_t c = begin; c < end; ++c) {
       const int64_t r0 = c * rows, r1 = std::min(m, r0 + rows);
       sink = sink | pull(y, ldy, n, r0, r1);
-      pair_rows<R, kGroups>(tp, y, ldy, m, n, zeros, mine, n_pad, r0 / 2, (r1 + 1) / 2);
+      pair_rows<R, kShared<R>>(tp, y, ldy, m, n, zeros, mine, n_pad, r0 / 2, (r1 + 1) / 2);
     }
   });
-}
-
-template <int... Rs>
-void dispatch_left(int64_t r, std::integer_sequence<int, Rs...>, const uint16_t* y, int64_t ldy, int64_t m, int64_t n,
-                   const uint32_t* tp, const uint16_t* zeros, float* buffers, int64_t n_pad, int64_t rows) {
-  ((r == Rs + 1 ? left_rank<Rs + 1>(y, ldy, m, n, tp, zeros, buffers, n_pad, rows) : void()), ...);
 }
 #undef MSPLORA_BF16_TARGET
 #endif
 
-// x a, row-major (M x R), where applies(x, a).
+// x a, row-major (M x R), where form(x, a) is kThinRight.
 inline at::Tensor thin_right(const at::Tensor& x, const at::Tensor& a) {
-  TORCH_CHECK(applies(x, a), "msplora: the thin product does not apply to ", x.sizes(), " @ ", a.sizes());
+  TORCH_CHECK(form(x, a) == Form::kThinRight, "msplora: the thin product does not apply to ", x.sizes(), " @ ",
+              a.sizes());
   at::Tensor out = at::empty({x.size(0), a.size(1)}, x.options());
 #ifdef MSPLORA_THIN_PRODUCT
   const at::Tensor a_t = a.t().contiguous();
-  dispatch(a.size(1), std::make_integer_sequence<int, kMaxRank>{}, reinterpret_cast<const uint16_t*>(x.data_ptr()),
-           x.stride(0), reinterpret_cast<const uint16_t*>(a_t.data_ptr()), x.size(1),
-           reinterpret_cast<uint16_t*>(out.data_ptr()), x.size(0));
+  with_rank(a.size(1), [&](auto rank) {
+    run_rank<decltype(rank)::value>(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0),
+                                    reinterpret_cast<const uint16_t*>(a_t.data_ptr()), x.size(1),
+                                    reinterpret_cast<uint16_t*>(out.data_ptr()), x.size(0));
+  });
 #endif
   return out;
 }
 
-// Pairs of t's rows (M x R) as vdpbf16ps takes them: row 2p in the low half, 2p + 1 (or zero) in the high one.
-inline at::Tensor row_pairs(const at::Tensor& t) {
-  const int64_t m = t.size(0), r = t.size(1);
-  at::Tensor padded = at::zeros({(m + 1) / 2 * 2, r}, t.options());
-  padded.narrow(0, 0, m).copy_(t);
-  return padded.view({-1, 2, r}).transpose(1, 2).contiguous();
-}
+// What the thin-on-the-left kernel works on for t^T y (t (M x R), y (M x N)): t's rows in pairs as
+// vdpbf16ps takes them (row 2p in the low half, 2p + 1 or zero in the high one), a zero row for y's
+// missing row 2p + 1, and one fp32 (R x n_pad) partial sum per thread.
+struct LeftSums {
+  int64_t n_pad;
+  at::Tensor pairs, zeros, buffers;
+
+  LeftSums(const at::Tensor& t, const at::Tensor& y) : n_pad((y.size(1) + 31) / 32 * 32) {
+    const int64_t m = t.size(0), r = t.size(1);
+    at::Tensor padded = at::zeros({(m + 1) / 2 * 2, r}, t.options());
+    padded.narrow(0, 0, m).copy_(t);
+    pairs = padded.view({-1, 2, r}).transpose(1, 2).contiguous();
+    zeros = at::zeros({n_pad}, y.options());
+    buffers = at::zeros({at::get_num_threads(), r, n_pad}, y.options().dtype(at::kFloat));
+  }
+  const uint32_t* tp() const { return reinterpret_cast<const uint32_t*>(pairs.data_ptr()); }
+  const uint16_t* zero_row() const { return reinterpret_cast<const uint16_t*>(zeros.data_ptr()); }
+  float* partials() const { return buffers.data_ptr<float>(); }
+  // The threads' partials summed, rounded to y's dtype: (R x N).
+  at::Tensor total(const at::Tensor& y) const { return buffers.sum(0).narrow(1, 0, y.size(1)).to(y.scalar_type()); }
+};
 
 // t^T y, row-major (R x N): t (M x R), y (M x N) with contiguous rows.
 inline at::Tensor thin_left(const at::Tensor& t, const at::Tensor& y) {
-  const int64_t m = y.size(0), n = y.size(1), r = t.size(1);
-  const int64_t n_pad = (n + 31) / 32 * 32;
-  at::Tensor buffers = at::zeros({at::get_num_threads(), r, n_pad}, y.options().dtype(at::kFloat));
+  const LeftSums sums(t, y);
 #ifdef MSPLORA_THIN_PRODUCT
-  const at::Tensor pairs = row_pairs(t);
-  const at::Tensor zeros = at::zeros({n_pad}, y.options());
-  const int64_t rows = std::max<int64_t>(2, kPullBytes / (n * 2)) / 2 * 2;
-  dispatch_left(r, std::make_integer_sequence<int, kMaxRank>{}, reinterpret_cast<const uint16_t*>(y.data_ptr()),
-                y.stride(0), m, n, reinterpret_cast<const uint32_t*>(pairs.data_ptr()),
-                reinterpret_cast<const uint16_t*>(zeros.data_ptr()), buffers.data_ptr<float>(), n_pad, rows);
+  const int64_t rows = std::max<int64_t>(2, kPullBytes / (y.size(1) * 2)) / 2 * 2;
+  with_rank(t.size(1), [&](auto rank) {
+    left_rank<decltype(rank)::value>(reinterpret_cast<const uint16_t*>(y.data_ptr()), y.stride(0), y.size(0),
+                                     y.size(1), sums.tp(), sums.zero_row(), sums.partials(), sums.n_pad, rows);
+  });
 #endif
-  return buffers.sum(0).narrow(1, 0, n).to(y.scalar_type());
+  return sums.total(y);
 }
 
 // a @ b by the kernel form(a, b) names: row-major, but column-major for x^T t (dA).
@@ -275,21 +280,19 @@ inline at::Tensor run(const at::Tensor& a, const at::Tensor& b) {
 inline std::tuple<at::Tensor, at::Tensor> grads(const at::Tensor& dy, const at::Tensor& t, const at::Tensor& b) {
   TORCH_CHECK(grads_apply(dy, t, b), "msplora: the one-pass thin gradients do not apply to dy ", dy.sizes(), ", T ",
               t.sizes(), ", B ", b.sizes());
-  const int64_t m = dy.size(0), n = dy.size(1), r = t.size(1);
-  const int64_t n_pad = (n + 31) / 32 * 32;
-  at::Tensor dt = at::empty({m, r}, dy.options());
-  at::Tensor buffers = at::zeros({at::get_num_threads(), r, n_pad}, dy.options().dtype(at::kFloat));
+  at::Tensor dt = at::empty({dy.size(0), t.size(1)}, dy.options());
+  const LeftSums sums(t, dy);
 #ifdef MSPLORA_THIN_PRODUCT
-  const at::Tensor pairs = row_pairs(t);
-  const at::Tensor zeros = at::zeros({n_pad}, dy.options());
   const at::Tensor bc = b.contiguous();
-  const int64_t rows = std::max<int64_t>(2, kChunkBytes / (n * 2)) / 2 * 2;
-  dispatch_grads(r, std::make_integer_sequence<int, kMaxRank>{}, reinterpret_cast<const uint16_t*>(dy.data_ptr()),
-                 dy.stride(0), m, n, reinterpret_cast<const uint16_t*>(bc.data_ptr()),
-                 reinterpret_cast<const uint32_t*>(pairs.data_ptr()), reinterpret_cast<const uint16_t*>(zeros.data_ptr()),
-                 reinterpret_cast<uint16_t*>(dt.data_ptr()), buffers.data_ptr<float>(), n_pad, rows);
+  const int64_t rows = std::max<int64_t>(2, kChunkBytes / (dy.size(1) * 2)) / 2 * 2;
+  with_rank(t.size(1), [&](auto rank) {
+    grads_rank<decltype(rank)::value>(reinterpret_cast<const uint16_t*>(dy.data_ptr()), dy.stride(0), dy.size(0),
+                                      dy.size(1), reinterpret_cast<const uint16_t*>(bc.data_ptr()), sums.tp(),
+                                      sums.zero_row(), reinterpret_cast<uint16_t*>(dt.data_ptr()), sums.partials(),
+                                      sums.n_pad, rows);
+  });
 #endif
-  return {dt, buffers.sum(0).narrow(1, 0, n).to(dy.scalar_type())};
+  return {dt, sums.total(dy)};
 }
 
 }  // namespace thin_product

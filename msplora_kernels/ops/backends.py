@@ -141,7 +141,7 @@ BACKENDS = {
                 None, _torch_ops, lambda device_type: []),
         Backend("cpp", "the compiled CPU op (csrc/cpu)", ("cpu",), None, _native_ops, _native_why_not("CPU", "cpu"),
                 keeps_dropped_input=True, keeps_mask_bits=True,
-                gemm_library=lambda: f"ATen, oneDNN or our fused expand per GEMM and shape class (cpu_gemm={settings.get('cpu_gemm')}); "
+                gemm_library=lambda: f"ATen, oneDNN or our kernels per GEMM and shape class (cpu_gemm={settings.get('cpu_gemm')}); "
                                      f"{len(native.gemm_choices())} chosen so far"),
         Backend("cuda", "the compiled CUDA op (csrc/cuda)", ("cuda",), _GPU_DTYPES, _native_ops,
                 _native_why_not("CUDA", "cuda"),
