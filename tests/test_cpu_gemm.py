@@ -5,14 +5,12 @@ import pytest
 import torch
 
 import msplora_kernels as mk
-from helpers import check_backend_against_reference, make_problem
+from helpers import HAS_BF16_DOT, check_backend_against_reference, make_problem
 from msplora_kernels.ops import settings
-from msplora_kernels.ops.cpu_info import cpu_info
 from msplora_kernels.ops.native import gemm_choices
 
 pytestmark = pytest.mark.skipif("cpp" not in mk.available_backends("cpu"), reason="needs the compiled cpp backend")
 HAS_ONEDNN = torch._C._dispatch_has_kernel_for_dispatch_key("mkldnn::_linear_pointwise", "CPU")
-HAS_BF16_DOT = "avx512_bf16" in cpu_info()["isa"]  # where our thin bf16 kernel can run
 MODES = [m for m in settings.CHOICES["cpu_gemm"] if HAS_ONEDNN or "onednn" not in m]
 # 256 x 512 x 14: sizes where either library could be the faster.
 LARGE = dict(lead=(4, 64), in_f=512, out_f=384, ranks=(8, 4, 2))

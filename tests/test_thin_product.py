@@ -7,11 +7,10 @@ import pytest
 import torch
 
 import msplora_kernels as mk
+from helpers import HAS_BF16_DOT
 from msplora_kernels.ops import settings
-from msplora_kernels.ops.cpu_info import cpu_info
 from msplora_kernels.ops.native import gemm_choices
 
-HAS_BF16_DOT = "avx512_bf16" in cpu_info()["isa"]
 pytestmark = [
     pytest.mark.skipif("cpp" not in mk.available_backends("cpu"), reason="needs the compiled cpp backend"),
     pytest.mark.skipif(not HAS_BF16_DOT, reason="the kernel runs only where the CPU has AVX512-BF16"),
