@@ -1,11 +1,13 @@
-// Our kernel for the rank-R products that write a whole (M, N) tensor: out = [bias +] t b, with
-// t (M x R) and b (R x N), and the dropout mask applied to it where dx's adapter term needs one.
+// Our kernel for the rank-R products that add into a whole (M, N) tensor: out += mask * (t b),
+// with t (M x R) and b (R x N), out the frozen GEMM's fresh output (y, or dx) and the dropout
+// mask where dx's adapter term needs one.
 //
 // A library runs such a skinny product as a GEMM with inner size R (14 at roberta-base's
-// 8/4/2), so it is bound by writing its output; the mask is then a second pass over it, and the
-// bias a third. Here each 4 x 64 tile of out is summed in fp32 registers over the R ranks, then
-// masked, scaled and rounded once on its way out: one write of out, nothing read back. Written
-// with GCC vector types, so a portable build gets AVX-512 or AVX2 code through target clones.
+// 8/4/2), so it is bound by the pass over out; a mask is then a second pass over a temporary.
+// Here each 4 x 64 tile of t b is summed in fp32 registers over the R ranks, masked and scaled,
+// added to out's values and rounded once: one read and one write of out, which the frozen GEMM
+// has just left in cache. Written with GCC vector types, so a portable build gets AVX-512 or
+// AVX2 code through target clones.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -31,12 +33,11 @@ MSPLORA_INLINE vec16 load16(const float* p) {
   return v;
 }
 
-// Rows [m0, m0 + n_rows) of out = [bias +] t b, masked (job.p > 0: from job.bits_in, else hashed).
-// b32 is b in fp32 with its rows padded with zeros to `padded` columns, a multiple of kCols;
-// bias32 likewise, or null.
+// Rows [m0, m0 + n_rows) of out += t b, masked (job.p > 0: from job.bits_in, else hashed). b32 is
+// b in fp32 with its rows padded with zeros to `padded` columns, a multiple of kCols.
 template <typename scalar_t>
 MSPLORA_INLINE void block(scalar_t* out, const scalar_t* t, int64_t m0, int n_rows, int64_t ranks, const float* b32,
-                          const float* bias32, int64_t cols, int64_t padded, const masking::MaskJob& job) {
+                          int64_t cols, int64_t padded, const masking::MaskJob& job) {
   const int64_t words = (cols + masking::kWordBits - 1) / masking::kWordBits;
   const double scale = job.p > 0 ? 1.0 / (1.0 - job.p) : 1.0;
   float tv[kRows * kMaxRank];
@@ -47,11 +48,7 @@ MSPLORA_INLINE void block(scalar_t* out, const scalar_t* t, int64_t m0, int n_ro
   }
   for (int64_t n0 = 0; n0 < padded; n0 += kCols) {
     // A kRows x kCols tile summed over the ranks in registers.
-    vec16 sum[kRows][kVecs];
-    for (int v = 0; v < kVecs; ++v) {
-      const vec16 init = bias32 ? load16(bias32 + n0 + 16 * v) : vec16{};
-      for (int i = 0; i < kRows; ++i) sum[i][v] = init;
-    }
+    vec16 sum[kRows][kVecs] = {};
     for (int64_t r = 0; r < ranks; ++r) {
       vec16 bv[kVecs];
       for (int v = 0; v < kVecs; ++v) bv[v] = load16(b32 + r * padded + n0 + 16 * v);
@@ -64,54 +61,51 @@ MSPLORA_INLINE void block(scalar_t* out, const scalar_t* t, int64_t m0, int n_ro
     const int64_t len = std::min(kCols, cols - n0);
     for (int i = 0; i < n_rows; ++i) {
       const int64_t m = m0 + i;
-      if (job.p <= 0.0) {
-        masking::rounded(out + m * cols + n0, acc + i * kCols, len);
-        continue;
+      if (job.p > 0.0) {
+        if (job.bits_in) {
+          masking::unpacked_flags(keep, len, job.bits_in + m * words + n0 / masking::kWordBits);
+        } else {
+          masking::hashed_flags(keep, len, job.seed, static_cast<uint64_t>(m * cols + n0), static_cast<float>(job.p));
+        }
+        masking::scale_in_place(acc + i * kCols, keep, len, scale);
       }
-      if (job.bits_in) {
-        masking::unpacked_flags(keep, len, job.bits_in + m * words + n0 / masking::kWordBits);
-      } else {
-        masking::hashed_flags(keep, len, job.seed, static_cast<uint64_t>(m * cols + n0), static_cast<float>(job.p));
-      }
-      masking::scaled(out + m * cols + n0, acc + i * kCols, keep, len, scale);
+      masking::added(out + m * cols + n0, acc + i * kCols, len);
     }
   }
 }
 
 template <typename scalar_t>
 MSPLORA_INLINE void blocks(scalar_t* out, const scalar_t* t, int64_t rows, int64_t ranks, const float* b32,
-                           const float* bias32, int64_t cols, int64_t padded, const masking::MaskJob& job,
-                           int64_t begin, int64_t end) {
+                           int64_t cols, int64_t padded, const masking::MaskJob& job, int64_t begin, int64_t end) {
   for (int64_t blk = begin; blk < end; ++blk) {
     const int64_t m0 = blk * kRows;
-    block(out, t, m0, static_cast<int>(std::min<int64_t>(kRows, rows - m0)), ranks, b32, bias32, cols, padded, job);
+    block(out, t, m0, static_cast<int>(std::min<int64_t>(kRows, rows - m0)), ranks, b32, cols, padded, job);
   }
 }
 
 // The vectorized workers: one per dtype with its own fast loops.
 MSPLORA_VECTOR_CLONES
-inline void blocks_f32(float* out, const float* t, int64_t rows, int64_t ranks, const float* b32, const float* bias32,
-                       int64_t cols, int64_t padded, const masking::MaskJob& job, int64_t begin, int64_t end) {
-  blocks(out, t, rows, ranks, b32, bias32, cols, padded, job, begin, end);
+inline void blocks_f32(float* out, const float* t, int64_t rows, int64_t ranks, const float* b32, int64_t cols,
+                       int64_t padded, const masking::MaskJob& job, int64_t begin, int64_t end) {
+  blocks(out, t, rows, ranks, b32, cols, padded, job, begin, end);
 }
 
 MSPLORA_VECTOR_CLONES
 inline void blocks_bf16(at::BFloat16* out, const at::BFloat16* t, int64_t rows, int64_t ranks, const float* b32,
-                        const float* bias32, int64_t cols, int64_t padded, const masking::MaskJob& job, int64_t begin,
-                        int64_t end) {
-  blocks(out, t, rows, ranks, b32, bias32, cols, padded, job, begin, end);
+                        int64_t cols, int64_t padded, const masking::MaskJob& job, int64_t begin, int64_t end) {
+  blocks(out, t, rows, ranks, b32, cols, padded, job, begin, end);
 }
 
-// out (rows x cols, row-major) = [bias +] t b, masked as `job` says (p = 0: no mask).
+// out (rows x cols, row-major) += t b, masked as `job` says (p = 0: no mask).
 template <typename scalar_t>
-void run(scalar_t* out, const scalar_t* t, int64_t rows, int64_t ranks, const float* b32, const float* bias32,
-         int64_t cols, const masking::MaskJob& job) {
+void run(scalar_t* out, const scalar_t* t, int64_t rows, int64_t ranks, const float* b32, int64_t cols,
+         const masking::MaskJob& job) {
   const int64_t padded = (cols + kCols - 1) / kCols * kCols;
   const int64_t n_blocks = (rows + kRows - 1) / kRows;
   at::parallel_for(0, n_blocks, std::max<int64_t>(1, 256 / std::max<int64_t>(ranks, 1)), [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<scalar_t, float>) blocks_f32(out, t, rows, ranks, b32, bias32, cols, padded, job, begin, end);
-    else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) blocks_bf16(out, t, rows, ranks, b32, bias32, cols, padded, job, begin, end);
-    else blocks(out, t, rows, ranks, b32, bias32, cols, padded, job, begin, end);
+    if constexpr (std::is_same_v<scalar_t, float>) blocks_f32(out, t, rows, ranks, b32, cols, padded, job, begin, end);
+    else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) blocks_bf16(out, t, rows, ranks, b32, cols, padded, job, begin, end);
+    else blocks(out, t, rows, ranks, b32, cols, padded, job, begin, end);
   });
 }
 

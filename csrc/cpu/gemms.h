@@ -43,12 +43,6 @@ inline const std::optional<c10::OperatorHandle>& onednn_linear_op() {
   return op;
 }
 
-inline const std::optional<c10::OperatorHandle>& onednn_linear_add_op() {
-  static const std::optional<c10::OperatorHandle> op =
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", "binary"});
-  return op;
-}
-
 // x w^T (+ bias) on oneDNN. Called boxed: the op's C++ signature types differ between torch versions.
 inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   torch::jit::Stack stack;
@@ -60,21 +54,6 @@ inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const 
   stack.emplace_back(c10::List<std::optional<at::Scalar>>());
   stack.emplace_back(c10::IValue());
   onednn_linear_op()->callBoxed(&stack);
-  return stack.back().toTensor();
-}
-
-// x w^T + bias + other in one oneDNN call (its sum post-op): the frozen GEMM accumulating the
-// adapter's term.
-inline at::Tensor onednn_linear_add(const at::Tensor& x, const at::Tensor& other, const at::Tensor& w,
-                                    const c10::optional<at::Tensor>& bias) {
-  torch::jit::Stack stack;
-  stack.reserve(5);
-  stack.emplace_back(x);
-  stack.emplace_back(other);
-  stack.emplace_back(w);
-  stack.emplace_back(bias.has_value() && bias->defined() ? c10::IValue(*bias) : c10::IValue());
-  stack.emplace_back(std::string("add"));
-  onednn_linear_add_op()->callBoxed(&stack);
   return stack.back().toTensor();
 }
 
@@ -97,8 +76,7 @@ struct Candidate {
 
 inline bool onednn_available(at::ScalarType dtype) {
   // oneDNN's linear takes fp32 and bf16 here; fp64 and fp16 stay on ATen.
-  return (dtype == at::kFloat || dtype == at::kBFloat16) && onednn_linear_op().has_value() &&
-         onednn_linear_add_op().has_value();
+  return (dtype == at::kFloat || dtype == at::kBFloat16) && onednn_linear_op().has_value();
 }
 
 inline bool mode_is_onednn(CpuGemm mode) {
@@ -315,29 +293,20 @@ inline at::Tensor product(const char* gemm, const at::Tensor& a, const at::Tenso
   return product_with(c, a, b).contiguous();
 }
 
-// x w^T + bias + other, the frozen GEMM accumulating `other` (row-major, consumed): ATen's addmm_
-// into other, or oneDNN's linear with its sum post-op. w is (out, in), any strides.
-inline at::Tensor frozen_linear_add(const char* gemm, const at::Tensor& x, const at::Tensor& w,
-                                    const c10::optional<at::Tensor>& bias, at::Tensor other) {
+// x w^T + bias, the frozen GEMM, into a new row-major output as nn.Linear computes it: on ATen
+// (addmm, which F.linear runs) or oneDNN's linear, whichever was measured faster. w is (out, in),
+// any strides. The adapter's term is added into this output afterwards (add_expanded in
+// msplora_cpu.cpp), while the GEMM has left it in cache: the other order, the skinny term first
+// into a new tensor and the GEMM accumulating into it, cost 0.3-0.5 ms more per product at bf16
+// roberta-base on an AMD EPYC (bench/NOTES.md, #20).
+inline at::Tensor frozen_linear(const char* gemm, const at::Tensor& x, const at::Tensor& w,
+                                const c10::optional<at::Tensor>& bias) {
   const bool has_bias = bias.has_value() && bias->defined();
-  if (x.numel() == 0 || w.numel() == 0) return (has_bias ? other.add_(*bias) : other).addmm_(x, w.t());
-  // Timed as they run, accumulating `other`: oneDNN's sum post-op reads it as a second input and
-  // writes a new output, ATen's beta = 1 adds into it in place (into a copy while timed, so that
-  // timing leaves `other` as it was). Which costs less differs from the bare GEMMs (bf16
-  // roberta-base on an AMD EPYC: equal bare, 9-14 ms against 7 ms with the accumulation, in a
-  // training step), mostly by the new output's page faults, which make_cold() lets the timing see.
-  at::Tensor scratch;  // what ATen's candidate accumulates into while timed, in place as it runs
+  auto aten = [&]() { return has_bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t()); };
+  if (x.numel() == 0 || w.numel() == 0) return aten();
   const Candidate c = choose(gemm, x.scalar_type(), x.size(0), x.size(1), w.size(0), /*transposable=*/false,
-                             [&](const Candidate& cand) {
-                               if (cand.onednn) {
-                                 onednn_linear_add(x, other, w, bias);
-                                 return;
-                               }
-                               if (!scratch.defined()) scratch = other.clone();
-                               (has_bias ? scratch.add_(*bias) : scratch).addmm_(x, w.t());
-                             });
-  if (c.onednn) return onednn_linear_add(x, other, w, bias);
-  return (has_bias ? other.add_(*bias) : other).addmm_(x, w.t());
+                             [&](const Candidate& cand) { cand.onednn ? onednn_linear(x, w, bias) : aten(); });
+  return c.onednn ? onednn_linear(x, w, bias) : aten();
 }
 
 }  // namespace msplora

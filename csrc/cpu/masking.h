@@ -81,10 +81,10 @@ MSPLORA_INLINE float bf16_value(uint16_t bits) {
 MSPLORA_INLINE float as_float(float v) { return v; }
 MSPLORA_INLINE float as_float(at::BFloat16 v) { return bf16_value(v.x); }
 
-// out = in * keep * scale, multiplied in fp32 (fp64 for fp64) and rounded once to out's dtype;
-// `in` is out's dtype or fp32 (a kernel's accumulators).
-template <typename scalar_t, typename in_t>
-MSPLORA_INLINE void scaled(scalar_t* out, const in_t* in, const float* keep, int64_t n, double scale) {
+// out = in * keep * scale (in and out of one dtype), multiplied in fp32 (fp64 for fp64) and
+// rounded once.
+template <typename scalar_t>
+MSPLORA_INLINE void scaled(scalar_t* out, const scalar_t* in, const float* keep, int64_t n, double scale) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     const float s = static_cast<float>(scale);
     for (int64_t i = 0; i < n; ++i) out[i] = as_float(in[i]) * (keep[i] * s);
@@ -99,14 +99,20 @@ MSPLORA_INLINE void scaled(scalar_t* out, const in_t* in, const float* keep, int
   }
 }
 
-// out = in rounded to out's dtype (no mask).
+// acc = acc * keep * scale, in fp32: a kernel's accumulators masked before they are added to out.
+MSPLORA_INLINE void scale_in_place(float* acc, const float* keep, int64_t n, double scale) {
+  const float s = static_cast<float>(scale);
+  for (int64_t i = 0; i < n; ++i) acc[i] *= keep[i] * s;
+}
+
+// out = out + in, added in fp32 and rounded once to out's dtype.
 template <typename scalar_t>
-MSPLORA_INLINE void rounded(scalar_t* out, const float* in, int64_t n) {
+MSPLORA_INLINE void added(scalar_t* out, const float* in, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     uint16_t* o = reinterpret_cast<uint16_t*>(out);
-    for (int64_t i = 0; i < n; ++i) o[i] = bf16_bits(in[i]);
+    for (int64_t i = 0; i < n; ++i) o[i] = bf16_bits(bf16_value(o[i]) + in[i]);
   } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(in[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(static_cast<float>(out[i]) + in[i]);
   }
 }
 
