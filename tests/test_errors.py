@@ -237,3 +237,21 @@ def test_direct_op_calls_are_checked_in_cpp():
         torch.ops.msplora.grad_a(torch.randn(2, 3, 4), torch.randn(2, 3), 0.0, torch.empty(0, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="seed must be an int64 tensor of one element"):
         torch.ops.msplora.shrink(x, torch.randn(16, 3), 0.5, torch.empty(0, dtype=torch.int64))
+
+
+def test_a_call_that_passed_does_not_wave_through_a_bad_one():
+    # check_inputs skips argument sets whose signature passed before (validation.py); any change
+    # the checks read must still be caught, with its own message.
+    x, w, b, As, Bs, s = _problem()
+    mk.msplora_linear(x, w, b, As, Bs, s)
+    mk.msplora_linear(x, w, b, As, Bs, s)
+    with pytest.raises(ValueError, match=r"rank mismatch at level 1"):
+        mk.msplora_linear(x, w, b, As, [Bs[0], torch.randn(3, 12)], s)
+    with pytest.raises(ValueError, match=r"x has last dimension 15"):
+        mk.msplora_linear(torch.randn(4, 15), w, b, As, Bs, s)
+    with pytest.raises(TypeError, match=r"scales\[0\] must be a finite float"):
+        mk.msplora_linear(x, w, b, As, Bs, [float("nan"), s[1]])
+    with pytest.raises(ValueError, match=r"bias has shape \(11,\)"):
+        mk.msplora_linear(x, w, b[:11], As, Bs, s)
+    with pytest.raises(ValueError, match=r"dropout_p must be a float in \[0, 1\)"):
+        mk.msplora_linear(x, w, b, As, Bs, s, dropout_p=1.5)

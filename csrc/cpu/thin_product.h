@@ -26,6 +26,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "masking.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MSPLORA_THIN_PRODUCT 1
 #include <immintrin.h>
@@ -232,25 +234,50 @@ inline at::Tensor thin_right(const at::Tensor& x, const at::Tensor& a) {
 }
 
 // What the thin-on-the-left kernel works on for t^T y (t (M x R), y (M x N)): t's rows in pairs as
-// vdpbf16ps takes them (row 2p in the low half, 2p + 1 or zero in the high one), a zero row for y's
-// missing row 2p + 1, and one fp32 (R x n_pad) partial sum per thread.
+// vdpbf16ps takes them (row 2p in the low half, 2p + 1 or zero in the high one), one fp32
+// (R x n_pad) partial sum per thread, and a zero row for y's missing row 2p + 1. Built and
+// totalled with plain loops: as a chain of ATen ops it cost some ten dispatches a call.
 struct LeftSums {
-  int64_t n_pad;
-  at::Tensor pairs, zeros, buffers;
+  int64_t rank, n_pad, threads;
+  at::Tensor pairs, scratch;  // scratch: the partial sums, then the zero row
 
-  LeftSums(const at::Tensor& t, const at::Tensor& y) : n_pad((y.size(1) + 31) / 32 * 32) {
-    const int64_t m = t.size(0), r = t.size(1);
-    at::Tensor padded = at::zeros({(m + 1) / 2 * 2, r}, t.options());
-    padded.narrow(0, 0, m).copy_(t);
-    pairs = padded.view({-1, 2, r}).transpose(1, 2).contiguous();
-    zeros = at::zeros({n_pad}, y.options());
-    buffers = at::zeros({at::get_num_threads(), r, n_pad}, y.options().dtype(at::kFloat));
+  LeftSums(const at::Tensor& t, const at::Tensor& y)
+      : rank(t.size(1)), n_pad((y.size(1) + 31) / 32 * 32), threads(at::get_num_threads()) {
+    const int64_t m = t.size(0), half = (m + 1) / 2, s0 = t.stride(0), s1 = t.stride(1);
+    pairs = at::empty({half, rank}, t.options().dtype(at::kInt));
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(t.data_ptr());
+    uint32_t* dst = reinterpret_cast<uint32_t*>(pairs.data_ptr());
+    for (int64_t q = 0; q < half; ++q) {
+      const uint16_t* lo = src + 2 * q * s0;
+      const bool has_hi = 2 * q + 1 < m;
+      for (int64_t j = 0; j < rank; ++j) {
+        const uint32_t hi = has_hi ? lo[s0 + j * s1] : 0u;
+        dst[q * rank + j] = static_cast<uint32_t>(lo[j * s1]) | (hi << 16);
+      }
+    }
+    const int64_t floats = threads * rank * n_pad + n_pad / 2;  // n_pad bf16 zeros take n_pad / 2 floats
+    scratch = at::empty({floats}, y.options().dtype(at::kFloat));
+    std::memset(scratch.data_ptr(), 0, static_cast<size_t>(floats) * sizeof(float));
   }
   const uint32_t* tp() const { return reinterpret_cast<const uint32_t*>(pairs.data_ptr()); }
-  const uint16_t* zero_row() const { return reinterpret_cast<const uint16_t*>(zeros.data_ptr()); }
-  float* partials() const { return buffers.data_ptr<float>(); }
-  // The threads' partials summed, rounded to y's dtype: (R x N).
-  at::Tensor total(const at::Tensor& y) const { return buffers.sum(0).narrow(1, 0, y.size(1)).to(y.scalar_type()); }
+  float* partials() const { return scratch.data_ptr<float>(); }
+  const uint16_t* zero_row() const { return reinterpret_cast<const uint16_t*>(partials() + threads * rank * n_pad); }
+  // The threads' partials summed and rounded to bf16: (R x N), row-major.
+  at::Tensor total(const at::Tensor& y) const {
+    const int64_t n = y.size(1);
+    at::Tensor out = at::empty({rank, n}, y.options());
+    uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+    float* sum = partials();  // thread 0's partial, the others added into it
+    const int64_t size = rank * n_pad;
+    for (int64_t th = 1; th < threads; ++th) {
+      const float* mine = sum + th * size;
+      for (int64_t i = 0; i < size; ++i) sum[i] += mine[i];
+    }
+    for (int64_t j = 0; j < rank; ++j) {
+      for (int64_t c = 0; c < n; ++c) o[j * n + c] = masking::bf16_bits(sum[j * n_pad + c]);
+    }
+    return out;
+  }
 };
 
 // t^T y, row-major (R x N): t (M x R), y (M x N) with contiguous rows.

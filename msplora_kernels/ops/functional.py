@@ -22,6 +22,20 @@ def draw_seed(device) -> torch.Tensor:
     return torch.randint(0, _SEED_HIGH, (1,), device=device, dtype=torch.int64)
 
 
+_NO_SEED: dict = {}
+
+
+def no_seed(device) -> torch.Tensor:
+    """The empty seed of a call without dropout: one per device in eager (never written, so it
+    can be shared), a new one under torch.compile, which traces it."""
+    if torch.compiler.is_compiling():
+        return torch.empty(0, dtype=torch.int64, device=device)
+    if device not in _NO_SEED:
+        with torch.inference_mode(False):
+            _NO_SEED[device] = torch.empty(0, dtype=torch.int64, device=device)
+    return _NO_SEED[device]
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -63,11 +77,13 @@ def msplora_linear(
     name = resolve_backend(backend, x.device, x.dtype)
     p = float(dropout_p) if training else 0.0
     with torch.autocast(x.device.type, enabled=False) if amp_dtype is not None else contextlib.nullcontext():
-        x2d = x.reshape(-1, x.shape[-1]).contiguous()
-        seed = draw_seed(x.device) if p > 0 else torch.empty(0, dtype=torch.int64, device=x.device)
+        seed = draw_seed(x.device) if p > 0 else no_seed(x.device)
         # The Function casts factors of another dtype to x's after scaling, and their gradients back.
-        y = FusedMSPLoRAFunction.apply(x2d, weight, bias, p, seed, name, tuple(float(s) for s in scales), *As, *Bs)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        # Rows in, rows out; a 2-D x is passed as it is, since even a no-op reshape adds autograd nodes.
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y = FusedMSPLoRAFunction.apply(x2d.contiguous(), weight, bias, p, seed, name, tuple(float(s) for s in scales),
+                                       *As, *Bs)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def msplora_add(
@@ -92,5 +108,5 @@ def msplora_add(
     amp = _autocast_dtype(x.device.type) is not None
     with torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext():
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
-        seed = draw_seed(x.device) if p > 0 else torch.empty(0, dtype=torch.int64, device=x.device)
+        seed = draw_seed(x.device) if p > 0 else no_seed(x.device)
         return FusedLoRAAddFunction.apply(y, x2d, p, seed, name, tuple(float(s) for s in scales), *As, *Bs)

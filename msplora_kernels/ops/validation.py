@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional
 
 import torch
 
@@ -27,11 +28,49 @@ def check_dropout_p(dropout_p) -> None:
         raise ValueError(f"msplora_linear: dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
+# Signatures of the argument sets check_inputs has passed: a layer's next call usually repeats
+# its last one, and the full checks cost more than the kernels of a small layer (#20).
+_PASSED: set = set()
+_PASSED_MAX = 4096
+
+
+def _meta(t) -> tuple:
+    return (type(t), t.shape, t.dtype, t.device)
+
+
+def _signature(x, weight, bias, As, Bs, scales, dropout_p, same_dtype) -> Optional[tuple]:
+    """Everything the checks read (each tensor's type, shape, dtype and device; x's only through
+    its width), or None where an argument is not what a signature can describe."""
+    try:
+        tensors = tuple(_meta(t) for t in (*As, *Bs)) if isinstance(As, (list, tuple)) and isinstance(Bs, (list, tuple)) else None
+        if tensors is None or not isinstance(scales, (list, tuple)):
+            return None
+        return (type(x), x.dim(), x.shape[-1], x.dtype, x.device, _meta(weight), None if bias is None else _meta(bias),
+                tensors, tuple((type(s), s) for s in scales), type(dropout_p), dropout_p, same_dtype)
+    except (AttributeError, IndexError, RuntimeError, TypeError):
+        return None
+
+
 def check_inputs(x, weight, bias, As, Bs, scales, dropout_p, same_dtype: bool = True) -> None:
     """Raise TypeError/ValueError naming the argument and the shapes it got.
 
-    same_dtype=False skips the x/weight dtype match (autocast will cast them).
+    same_dtype=False skips the x/weight dtype match (autocast will cast them). A signature that
+    passed before is not checked again.
     """
+    if torch.compiler.is_compiling():  # checked once, at trace time; no global state in the graph
+        _check_all(x, weight, bias, As, Bs, scales, dropout_p, same_dtype)
+        return
+    signature = _signature(x, weight, bias, As, Bs, scales, dropout_p, same_dtype)
+    if signature is not None and signature in _PASSED:
+        return
+    _check_all(x, weight, bias, As, Bs, scales, dropout_p, same_dtype)
+    if signature is not None:
+        if len(_PASSED) >= _PASSED_MAX:
+            _PASSED.clear()
+        _PASSED.add(signature)
+
+
+def _check_all(x, weight, bias, As, Bs, scales, dropout_p, same_dtype: bool) -> None:
     _check_tensor("x", x)
     _check_tensor("weight", weight, ndim=2)
     if x.dim() < 1:
