@@ -1,6 +1,7 @@
 """Timers: a wall clock after warm-up, in interleaved rounds, on the CPU; do_bench (or CUDA-graph replays) on a GPU."""
 from __future__ import annotations
 
+import random
 import statistics
 import time
 
@@ -13,17 +14,24 @@ def _summary(samples_ms):
     return {"median": statistics.median(s), "q20": q[1], "q80": q[7], "n": len(s)}
 
 
-def time_cpu_interleaved(fns: dict, repeats: int, warmup: int = 2, tick=None) -> dict:
-    """Times several callables in rounds, one call of each per round, starting each round at the
-    next one, so that drift in the machine's speed (other tenants, clocks) falls on all of them
-    alike instead of on whichever ran last. Returns a summary per key; tick() after each round."""
+def time_cpu_interleaved(fns: dict, repeats: int, warmup: int = 2, tick=None, seed: int = 0) -> dict:
+    """Times several callables in rounds, one call of each per round, in a new (seeded) random
+    order each round, so that what falls between calls falls on all of them alike: drift in the
+    machine's speed (other tenants, clocks), and the state the call before leaves. A step's
+    frees can let glibc trim the heap, and the next step then pays page faults for its new
+    tensors; in a fixed (rotated) order each method always followed the same neighbour, and the
+    one after msplora_naive paid 1.5-2.5 ms more at roberta-base bf16 (bench/NOTES.md, #20).
+    Returns a summary per key; tick() after each round."""
     keys = list(fns)
+    rng = random.Random(seed)
     for _ in range(warmup):
         for k in keys:
             fns[k]()
     samples = {k: [] for k in keys}
-    for i in range(repeats):
-        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+    for _ in range(repeats):
+        order = keys[:]
+        rng.shuffle(order)
+        for k in order:
             t0 = time.perf_counter()
             fns[k]()
             samples[k].append((time.perf_counter() - t0) * 1e3)
