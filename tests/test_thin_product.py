@@ -33,7 +33,8 @@ def _chosen(lines, gemm):
 
 
 @pytest.mark.parametrize("tokens,in_f,out_f,rank", [(1, 32, 40, 1), (3, 45, 33, 7), (33, 77, 96, 14),
-                                                      (64, 800, 70, 16), (17, 1000, 50, 15),
+                                                      (64, 800, 70, 16), (17, 1000, 50, 15), (50, 333, 45, 12),
+                                                      (40, 96, 64, 11),  # either side of the ranks-in-lanes kernel's threshold
                                                       (9001, 40, 64, 14)])  # dy in 3 chunks of rows, the last odd
 def test_shrink_and_the_one_pass_gradients_run_our_kernels_and_match_float64(tokens, in_f, out_f, rank):
     x = torch.randn(tokens, in_f).bfloat16()

@@ -4,9 +4,10 @@
 // In a training step such a product reads x (or dy) from memory: the frozen GEMMs in between
 // stream the caches. There the libraries' GEMMs run at 10-15 GB/s of x, far below streaming
 // (AMD EPYC, bf16 4096 x 768 x 14: 630-880 us cold against 230-260 us for x.sum();
-// bench/NOTES.md, twelfth session). This kernel walks x row by row, two rows at a time, with one
+// bench/NOTES.md, twelfth session). rows_of() walks x row by row, two rows at a time, with one
 // fp32 accumulator per (row, rank) summed along K, and prefetches the rows it will read next;
-// cold it takes 340-430 us there.
+// cold it takes 340-430 us there. From 12 ranks on, rows_in_lanes() is faster: the ranks in the
+// 16 lanes of one accumulator per row, 16 rows at a time, no horizontal sums (thirteenth session).
 //
 // dT = dy B^T and dB = T^T dy both read dy. grads() makes one pass over it: each thread takes
 // chunks of dy's rows, computes their rows of dT as above (reading them from memory) and then,
@@ -132,6 +133,76 @@ MSPLORA_BF16_TARGET void rows_of(const uint16_t* x, int64_t ldx, const uint16_t*
   }
 }
 
+// The factor of x a in the layout rows_in_lanes() reads: at (R x K, row-major, R <= 16) as
+// ceil(K / 2) vectors of 16 lanes, lane j holding at[j][2q] | at[j][2q + 1] << 16 (zero past R and K).
+inline at::Tensor lane_pairs(const at::Tensor& at_rows) {
+  const int64_t r = at_rows.size(0), k = at_rows.size(1), half = (k + 1) / 2;
+  at::Tensor out = at::zeros({half, 16}, at_rows.options().dtype(at::kInt));
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(at_rows.data_ptr());
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
+  const int64_t s0 = at_rows.stride(0), s1 = at_rows.stride(1);
+  for (int64_t j = 0; j < r; ++j) {
+    for (int64_t q = 0; q < half; ++q) {
+      const uint32_t hi = 2 * q + 1 < k ? src[j * s0 + (2 * q + 1) * s1] : 0u;
+      dst[q * 16 + j] = static_cast<uint32_t>(src[j * s0 + 2 * q * s1]) | (hi << 16);
+    }
+  }
+  return out;
+}
+
+// Rows [m0, m1) of out (M x R, row-major) = x a, the ranks in the vector lanes: 16 rows at a time,
+// each a 16-lane fp32 accumulator that one vdpbf16ps per pair of x's columns advances (the pair
+// broadcast from memory, the factor's pair vector shared by the 16 rows). No horizontal sums,
+// and one load of the factor per 16 products. ap is lane_pairs(a^T); K odd: the last pair's high
+// half is zero.
+constexpr int kLaneRows = 16;
+// From this rank on the ranks fill enough of the 16 lanes for rows_in_lanes() to beat rows_of()
+// (bf16 4096 x 768, AMD EPYC, interleaved: R = 14 245 against 278 us, R = 12 295 against 322,
+// R = 10 293 against 286, R = 8 278 against 234).
+constexpr int64_t kLanesMinRank = 12;
+MSPLORA_BF16_TARGET inline void rows_in_lanes(const uint16_t* x, int64_t ldx, const uint32_t* ap, int64_t k, int64_t r,
+                                              uint16_t* out, int64_t m0, int64_t m1) {
+  const int64_t full = k / 2;
+  const __mmask16 keep = static_cast<__mmask16>((1u << r) - 1);
+  for (int64_t m = m0; m < m1; m += kLaneRows) {
+    const int n = static_cast<int>(std::min<int64_t>(kLaneRows, m1 - m));
+    const uint16_t* xr[kLaneRows];
+    _Pragma("GCC unroll 16") for (int i = 0; i < kLaneRows; ++i) xr[i] = x + (m + std::min(i, n - 1)) * ldx;
+    const uint16_t* next = x + std::min(m + kLaneRows, m1 - 1) * ldx;
+    __m512 acc[kLaneRows];
+    _Pragma("GCC unroll 16") for (int i = 0; i < kLaneRows; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < full; ++q) {
+      if ((q & 15) == 0) {  // the next 16 rows' line for these columns, one line a row
+        _Pragma("GCC unroll 16") for (int i = 0; i < kLaneRows; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(next + i * ldx + 2 * q), _MM_HINT_T0);
+        }
+      }
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(ap + 16 * q);
+      _Pragma("GCC unroll 16") for (int i = 0; i < kLaneRows; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, xr[i] + 2 * q, sizeof(pair));
+        acc[i] = _mm512_dpbf16_ps(acc[i], w, (__m512bh)_mm512_set1_epi32(pair));
+      }
+    }
+    if (k & 1) {
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(ap + 16 * full);
+      _Pragma("GCC unroll 16") for (int i = 0; i < kLaneRows; ++i) {
+        acc[i] = _mm512_dpbf16_ps(acc[i], w, (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(xr[i][2 * full])));
+      }
+    }
+    _Pragma("GCC unroll 16") for (int i = 0; i < kLaneRows; ++i) {
+      if (i < n) _mm256_mask_storeu_epi16(out + (m + i) * r, keep, (__m256i)_mm512_cvtneps_pbh(acc[i]));
+    }
+  }
+}
+
+inline void run_in_lanes(const uint16_t* x, int64_t ldx, const uint32_t* ap, int64_t k, int64_t r, uint16_t* out,
+                         int64_t m) {
+  at::parallel_for(0, (m + kLaneRows - 1) / kLaneRows, 4, [&](int64_t begin, int64_t end) {
+    rows_in_lanes(x, ldx, ap, k, r, out, begin * kLaneRows, std::min(m, end * kLaneRows));
+  });
+}
+
 template <int R>
 void run_rank(const uint16_t* x, int64_t ldx, const uint16_t* at, int64_t k, uint16_t* out, int64_t m) {
   constexpr int kRows = kShared<R>;
@@ -179,13 +250,14 @@ MSPLORA_BF16_TARGET void pair_rows(const uint32_t* tp, const uint16_t* y, int64_
 
 // dT rows and the threads' dB partials, a chunk of dy's rows at a time (`rows` even).
 template <int R>
-void grads_rank(const uint16_t* dy, int64_t ldy, int64_t m, int64_t n, const uint16_t* b, const uint32_t* tp,
-                const uint16_t* zeros, uint16_t* dt, float* buffers, int64_t n_pad, int64_t rows) {
+void grads_rank(const uint16_t* dy, int64_t ldy, int64_t m, int64_t n, const uint16_t* b, const uint32_t* bp,
+                const uint32_t* tp, const uint16_t* zeros, uint16_t* dt, float* buffers, int64_t n_pad, int64_t rows) {
   at::parallel_for(0, (m + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
     float* mine = buffers + at::get_thread_num() * R * n_pad;
     for (int64_t c = begin; c < end; ++c) {
       const int64_t r0 = c * rows, r1 = std::min(m, r0 + rows);
-      rows_of<R, kShared<R>>(dy, ldy, b, n, dt, r0, r1);
+      if constexpr (R >= kLanesMinRank) rows_in_lanes(dy, ldy, bp, n, R, dt, r0, r1);
+      else rows_of<R, kShared<R>>(dy, ldy, b, n, dt, r0, r1);
       pair_rows<R, kShared<R>>(tp, dy, ldy, m, n, zeros, mine, n_pad, r0 / 2, (r1 + 1) / 2);
     }
   });
@@ -223,6 +295,13 @@ inline at::Tensor thin_right(const at::Tensor& x, const at::Tensor& a) {
               a.sizes());
   at::Tensor out = at::empty({x.size(0), a.size(1)}, x.options());
 #ifdef MSPLORA_THIN_PRODUCT
+  if (a.size(1) >= kLanesMinRank) {
+    const at::Tensor ap = lane_pairs(a.t());
+    run_in_lanes(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0),
+                 reinterpret_cast<const uint32_t*>(ap.data_ptr()), x.size(1), a.size(1),
+                 reinterpret_cast<uint16_t*>(out.data_ptr()), x.size(0));
+    return out;
+  }
   const at::Tensor a_t = a.t().contiguous();
   with_rank(a.size(1), [&](auto rank) {
     run_rank<decltype(rank)::value>(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0),
@@ -311,10 +390,12 @@ inline std::tuple<at::Tensor, at::Tensor> grads(const at::Tensor& dy, const at::
   const LeftSums sums(t, dy);
 #ifdef MSPLORA_THIN_PRODUCT
   const at::Tensor bc = b.contiguous();
+  const at::Tensor bp = b.size(0) >= kLanesMinRank ? lane_pairs(b) : at::Tensor();
   const int64_t rows = std::max<int64_t>(2, kChunkBytes / (dy.size(1) * 2)) / 2 * 2;
   with_rank(t.size(1), [&](auto rank) {
     grads_rank<decltype(rank)::value>(reinterpret_cast<const uint16_t*>(dy.data_ptr()), dy.stride(0), dy.size(0),
-                                      dy.size(1), reinterpret_cast<const uint16_t*>(bc.data_ptr()), sums.tp(),
+                                      dy.size(1), reinterpret_cast<const uint16_t*>(bc.data_ptr()),
+                                      bp.defined() ? reinterpret_cast<const uint32_t*>(bp.data_ptr()) : nullptr, sums.tp(),
                                       sums.zero_row(), reinterpret_cast<uint16_t*>(dt.data_ptr()), sums.partials(),
                                       sums.n_pad, rows);
   });
