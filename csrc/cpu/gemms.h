@@ -274,7 +274,7 @@ inline void forget_gemm_choices() {
   choices().clear();
 }
 
-// a @ b with candidate c; the result is row-major unless c is transposed, or thin for dA (then column-major).
+// a @ b with candidate c; the result is row-major unless c is transposed.
 inline at::Tensor product_with(const Candidate& c, const at::Tensor& a, const at::Tensor& b) {
   if (c.thin) return thin_product::form(a, b) != thin_product::Form::kNone ? thin_product::run(a, b) : at::mm(a, b);
   if (c.onednn) {

@@ -341,10 +341,11 @@ struct LeftSums {
   const uint32_t* tp() const { return reinterpret_cast<const uint32_t*>(pairs.data_ptr()); }
   float* partials() const { return scratch.data_ptr<float>(); }
   const uint16_t* zero_row() const { return reinterpret_cast<const uint16_t*>(partials() + threads * rank * n_pad); }
-  // The threads' partials summed and rounded to bf16: (R x N), row-major.
-  at::Tensor total(const at::Tensor& y) const {
+  // The threads' partials summed and rounded to bf16: (R x N) row-major, or its transpose
+  // (N x R) row-major (dA, without a strided copy afterwards).
+  at::Tensor total(const at::Tensor& y, bool transposed = false) const {
     const int64_t n = y.size(1);
-    at::Tensor out = at::empty({rank, n}, y.options());
+    at::Tensor out = at::empty(transposed ? at::IntArrayRef{n, rank} : at::IntArrayRef{rank, n}, y.options());
     uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
     float* sum = partials();  // thread 0's partial, the others added into it
     const int64_t size = rank * n_pad;
@@ -352,15 +353,17 @@ struct LeftSums {
       const float* mine = sum + th * size;
       for (int64_t i = 0; i < size; ++i) sum[i] += mine[i];
     }
+    const int64_t col_step = transposed ? rank : 1, rank_step = transposed ? 1 : n;
     for (int64_t j = 0; j < rank; ++j) {
-      for (int64_t c = 0; c < n; ++c) o[j * n + c] = masking::bf16_bits(sum[j * n_pad + c]);
+      for (int64_t c = 0; c < n; ++c) o[j * rank_step + c * col_step] = masking::bf16_bits(sum[j * n_pad + c]);
     }
     return out;
   }
 };
 
-// t^T y, row-major (R x N): t (M x R), y (M x N) with contiguous rows.
-inline at::Tensor thin_left(const at::Tensor& t, const at::Tensor& y) {
+// t^T y, row-major (R x N), or y^T t (N x R) row-major when `transposed`: t (M x R), y (M x N)
+// with contiguous rows.
+inline at::Tensor thin_left(const at::Tensor& t, const at::Tensor& y, bool transposed = false) {
   const LeftSums sums(t, y);
 #ifdef MSPLORA_THIN_PRODUCT
   const int64_t rows = std::max<int64_t>(2, kPullBytes / (y.size(1) * 2)) / 2 * 2;
@@ -369,15 +372,15 @@ inline at::Tensor thin_left(const at::Tensor& t, const at::Tensor& y) {
                                      y.size(1), sums.tp(), sums.zero_row(), sums.partials(), sums.n_pad, rows);
   });
 #endif
-  return sums.total(y);
+  return sums.total(y, transposed);
 }
 
-// a @ b by the kernel form(a, b) names: row-major, but column-major for x^T t (dA).
+// a @ b by the kernel form(a, b) names, row-major.
 inline at::Tensor run(const at::Tensor& a, const at::Tensor& b) {
   switch (form(a, b)) {
     case Form::kThinRight: return thin_right(a, b);
     case Form::kThinLeft: return thin_left(a.t(), b);
-    case Form::kThinRightTransposed: return thin_left(b, a.t()).t();
+    case Form::kThinRightTransposed: return thin_left(b, a.t(), /*transposed=*/true);
     default: TORCH_CHECK(false, "msplora: no thin kernel takes ", a.sizes(), " @ ", b.sizes());
   }
 }

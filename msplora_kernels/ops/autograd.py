@@ -21,7 +21,6 @@ here would run Python on every op call even with grad mode off.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -39,32 +38,11 @@ def _as(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _build_scale_row(scales, ranks, device, dtype) -> torch.Tensor:
-    # Filled on the device (no copy from host memory), so it may even be built inside a CUDA graph capture.
-    return torch.cat([torch.full((r,), s, dtype=dtype, device=device) for s, r in zip(scales, ranks)])
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_scale_row(scales, ranks, device, dtype) -> torch.Tensor:
-    # Never an inference tensor: one made under torch.inference_mode() could not be saved for
-    # backward by a later training call.
-    with torch.inference_mode(False):
-        return _build_scale_row(scales, ranks, device, dtype)
-
-
-def _scale_row(scales, ranks, like: torch.Tensor) -> torch.Tensor:
-    """Level i's scale repeated r_i times, (R,): one in-place multiply scales every level. fp32,
-    or fp64 for fp64 factors, so that the scales are as exact as the factors.
-
-    Cached in eager, so that a step launches nothing for it; built in the graph under torch.compile.
-    """
-    key = (scales, ranks, like.device, torch.float64 if like.dtype == torch.float64 else torch.float32)
-    return _build_scale_row(*key) if torch.compiler.is_compiling() else _cached_scale_row(*key)
-
-
-def _joined(As, Bs, row, dtype):
-    # Scaled in the factors' dtype, then cast once: one cat and one multiply for A, a cat for B.
-    return _as(torch.cat(As, dim=1).mul_(row), dtype), _as(torch.cat(Bs, dim=0), dtype)
+def _joined(As, Bs, scales, dtype):
+    # Each level scaled by its Python float (computed in the factor's op-math type, fp32 for
+    # bf16, and rounded once), joined, then cast once. A bf16 tensor times an fp32 scale row in
+    # place ran as three kernels (a cast each way).
+    return _as(torch.cat(torch._foreach_mul(list(As), list(scales)), dim=1), dtype), _as(torch.cat(Bs, dim=0), dtype)
 
 
 def _split(grad, ranks, dim, dtypes):
@@ -96,45 +74,46 @@ def _shrink(ops, backend, x, a, p, seed, need_as, need_x_mask):
     return ops.shrink(x, a, p, seed), None, None
 
 
-def _factor_grads(ctx, ops, x, x_lora, bits, dt, db, seed, row, need_as, need_bs):
+def _factor_grads(ctx, ops, x, x_lora, bits, dt, db, seed, need_as, need_bs):
     """dA_i = s_i dropout(x)^T dT_i and dB_i, split by level into each factor's dtype."""
     da_levels = db_levels = [None] * len(ctx.ranks)
     if any(need_as):
-        # grad_a returns a fresh tensor, scaled in place.
         if x_lora is not None:
             da = ops.grad_a(x_lora, dt, 0.0, seed)
         elif bits is not None:
             da = ops.grad_a_bits(x, dt, bits, ctx.p)
         else:
             da = ops.grad_a(x, dt, ctx.p, seed)
-        da_levels = _split(da.mul_(row), ctx.ranks, 1, ctx.a_dtypes)
+        # Split, then scaled level by level: new contiguous tensors, which the gradient
+        # accumulation adds at full speed (a split view of dA has a stride of R).
+        scaled = torch._foreach_mul(list(da.split_with_sizes(ctx.ranks, dim=1)), list(ctx.scales))
+        da_levels = [_as(g, dtype) for g, dtype in zip(scaled, ctx.a_dtypes)]
     if any(need_bs):
         db_levels = _split(db, ctx.ranks, 0, ctx.b_dtypes)
     return da_levels, db_levels
 
 
 def _levels(factors, scales, backend_name):
-    """A call's factors as (As, Bs), its backend, and the scale row of its levels."""
+    """A call's factors as (As, Bs), and its backend."""
     levels = len(factors) // 2
-    As, Bs = factors[:levels], factors[levels:]
-    return As, Bs, BACKENDS[backend_name], _scale_row(scales, tuple(a_i.shape[1] for a_i in As), As[0])
+    return factors[:levels], factors[levels:], BACKENDS[backend_name]
 
 
-def _remember(ctx, p, backend_name, As, Bs):
-    # What the backward needs besides tensors: dropout, backend, and each level's rank and dtypes.
-    ctx.p, ctx.backend_name, ctx.ranks = p, backend_name, tuple(a_i.shape[1] for a_i in As)
+def _remember(ctx, p, backend_name, scales, As, Bs):
+    # What the backward needs besides tensors: dropout, backend, and each level's scale, rank and dtypes.
+    ctx.p, ctx.backend_name, ctx.scales, ctx.ranks = p, backend_name, scales, tuple(a_i.shape[1] for a_i in As)
     ctx.a_dtypes, ctx.b_dtypes = [a_i.dtype for a_i in As], [b_i.dtype for b_i in Bs]
 
 
 class FusedMSPLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p: float, seed, backend_name: str, scales, *factors):
-        As, Bs, backend, row = _levels(factors, scales, backend_name)
+        As, Bs, backend = _levels(factors, scales, backend_name)
         levels, ops = len(As), backend.ops
         x_lora = bits = None  # dropout(x) or the packed mask, when one is kept for the backward
         need_as = ctx.needs_input_grad[7 : 7 + levels]
         with _below_autograd():
-            a, b = _joined(As, Bs, row, x.dtype)
+            a, b = _joined(As, Bs, scales, x.dtype)
             if backend.one_pass_forward(a.shape[1]):
                 y, t = ops.shrink_expand_linear(x, weight, bias, a, b, p, seed)
             else:
@@ -142,14 +121,14 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
                 y = ops.expand_linear(x, weight, bias, t, b)
         # x itself is needed again only for a trained base weight's gradient.
         x_saved = x if x_lora is None or ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(x_saved, x_lora, bits, weight, a, b, t, seed, row)
-        _remember(ctx, p, backend_name, As, Bs)
+        ctx.save_for_backward(x_saved, x_lora, bits, weight, a, b, t, seed)
+        _remember(ctx, p, backend_name, scales, As, Bs)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, x_lora, bits, weight, a, b, t, seed, row = ctx.saved_tensors
+        x, x_lora, bits, weight, a, b, t, seed = ctx.saved_tensors
         levels = len(ctx.ranks)
         need_x, need_w, need_bias = ctx.needs_input_grad[:3]
         need_as, need_bs = ctx.needs_input_grad[7 : 7 + levels], ctx.needs_input_grad[7 + levels :]
@@ -164,7 +143,7 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
                     dx = ops.grad_x_bits(dy, weight, dt, a, bits, ctx.p)
                 elif need_x:
                     dx = ops.grad_x(dy, weight, dt, a, ctx.p, seed)
-                da_levels, db_levels = _factor_grads(ctx, ops, x, x_lora, bits, dt, db, seed, row, need_as, need_bs)
+                da_levels, db_levels = _factor_grads(ctx, ops, x, x_lora, bits, dt, db, seed, need_as, need_bs)
             if need_w:
                 dw = dy.t().mm(x)
             if need_bias:
@@ -180,10 +159,10 @@ class FusedLoRAAddFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, x, p: float, seed, backend_name: str, scales, *factors):
-        As, Bs, backend, row = _levels(factors, scales, backend_name)
+        As, Bs, backend = _levels(factors, scales, backend_name)
         levels, ops = len(As), backend.ops
         with _below_autograd():
-            a, b = _joined(As, Bs, row, x.dtype)
+            a, b = _joined(As, Bs, scales, x.dtype)
             need_as = ctx.needs_input_grad[6 : 6 + levels]
             # The packed mask serves dA only: dx's adapter term is masked by ops.dropout below.
             t, x_lora, bits = _shrink(ops, backend, x, a, p, seed, need_as, need_x_mask=False)
@@ -194,14 +173,14 @@ class FusedLoRAAddFunction(torch.autograd.Function):
                 out = y
             else:
                 out = torch.addmm(y.reshape(-1, y.shape[-1]), t, b).view(y.shape)
-        ctx.save_for_backward(x if x_lora is None else None, x_lora, bits, a, b, t, seed, row)
-        _remember(ctx, p, backend_name, As, Bs)
+        ctx.save_for_backward(x if x_lora is None else None, x_lora, bits, a, b, t, seed)
+        _remember(ctx, p, backend_name, scales, As, Bs)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, x_lora, bits, a, b, t, seed, row = ctx.saved_tensors
+        x, x_lora, bits, a, b, t, seed = ctx.saved_tensors
         levels = len(ctx.ranks)
         need_x = ctx.needs_input_grad[1]
         need_as, need_bs = ctx.needs_input_grad[6 : 6 + levels], ctx.needs_input_grad[6 + levels :]
@@ -216,5 +195,5 @@ class FusedLoRAAddFunction(torch.autograd.Function):
                     # Only the adapter's term: the base layer's autograd adds its own.
                     lora = dt.mm(a.t())
                     dx = ops.dropout(lora, ctx.p, seed) if ctx.p > 0 else lora
-                da_levels, db_levels = _factor_grads(ctx, ops, x, x_lora, bits, dt, db, seed, row, need_as, need_bs)
+                da_levels, db_levels = _factor_grads(ctx, ops, x, x_lora, bits, dt, db, seed, need_as, need_bs)
         return (dy, dx, None, None, None, None, *da_levels, *db_levels)
