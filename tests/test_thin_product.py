@@ -82,3 +82,35 @@ def test_auto_times_our_kernel_only_where_it_applies():
     torch.ops.msplora.shrink(torch.randn(64, 256).bfloat16(), torch.randn(256, 17).bfloat16(), 0.0, SEED)
     torch.ops.msplora.shrink(torch.randn(64, 256), torch.randn(256, 8), 0.0, SEED)
     assert not any("thin" in line for line in gemm_choices())
+
+
+@pytest.mark.parametrize("tokens,in_f,out_f,rank", [(7, 40, 33, 5), (33, 64, 77, 14), (130, 96, 50, 1),
+                                                      (65, 48, 100, 33)])  # odd ranks, columns past the 32-wide tile
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_the_bf16_expand_adds_into_the_frozen_output_and_matches_float64(tokens, in_f, out_f, rank, p):
+    # csrc/cpu/expand_bf16.h, forced: y = x W^T + b + T B, dx = dy W + mask * (dT A^T) with the
+    # mask hashed from the seed (grad_x) or from packed bits (grad_x_bits).
+    x, w, bias = torch.randn(tokens, in_f).bfloat16(), torch.randn(out_f, in_f).bfloat16(), torch.randn(out_f).bfloat16()
+    a, b = torch.randn(in_f, rank).bfloat16(), torch.randn(rank, out_f).bfloat16()
+    t, dt, dy = torch.randn(tokens, rank).bfloat16(), torch.randn(tokens, rank).bfloat16(), torch.randn(tokens, out_f).bfloat16()
+    ops = torch.ops.msplora
+    torch.ops.msplora.forget_gemm_choices()
+    with settings.overridden(cpu_gemm="fused"):
+        y = ops.expand_linear(x, w, bias, t, b)
+        dx = ops.grad_x(dy, w, dt, a, p, SEED)
+        _, bits = ops.dropout_keep_mask(x, p, SEED)
+        dx_bits = ops.grad_x_bits(dy, w, dt, a, bits, p)
+        mask = ops.dropout_mask(x, p, SEED).double()
+        lines = gemm_choices()
+    assert _chosen(lines, "expand: T B") == "fused" and _chosen(lines, "grad: dT A^T") == "fused", lines
+    # Two bf16 roundings (the frozen GEMM's output, then the sum) over fp32 accumulation.
+    x64, w64, t64, b64, dt64, a64, dy64 = (v.double() for v in (x, w, t, b, dt, a, dy))
+    want_y = x64 @ w64.t() + bias.double() + t64 @ b64
+    bound_y = 2.0 ** -6 * (x64.abs() @ w64.abs().t() + bias.double().abs() + t64.abs() @ b64.abs())
+    assert ((y.double() - want_y).abs() <= bound_y).all(), "y"
+    want_dx = dy64 @ w64 + mask * (dt64 @ a64.t())
+    bound_dx = 2.0 ** -6 * (dy64.abs() @ w64.abs() + mask * (dt64.abs() @ a64.abs().t()))
+    for got, what in ((dx, "dx, hashed mask"), (dx_bits, "dx, packed mask")):
+        assert ((got.double() - want_dx).abs() <= bound_dx).all(), what
+    if p > 0:
+        assert (mask == 0).any() and (mask > 1).any()  # the mask did drop and rescale

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "../shape_checks.h"
+#include "expand_bf16.h"
 #include "fused_expand.h"
 #include "gemms.h"
 #include "masking.h"
@@ -48,9 +49,10 @@ at::Tensor dropped(const at::Tensor& x, double p, const at::Tensor& seed) {
 }
 
 // out += mask * (t b), in place, the mask from job.bits_in, or hashed from job.seed, or none at
-// p = 0: our fused kernel in one pass over out, or a library's product (ATen's addmm_ straight
-// into out where there is no mask; else into a temporary, masked, then added), whichever was
-// measured faster for this shape class. out is the frozen GEMM's new row-major (M, N) output.
+// p = 0: our kernel in one pass over out (expand_bf16.h's in bf16 on CPUs with AVX512-BF16,
+// else fused_expand.h's), or a library's product (ATen's addmm_ straight into out where there is
+// no mask; else into a temporary, masked, then added), whichever was measured faster for this
+// shape class. out is the frozen GEMM's new row-major (M, N) output.
 void add_expanded(const char* gemm, at::Tensor& out, const at::Tensor& t, const at::Tensor& b,
                   const masking::MaskJob& mask) {
   if (out.numel() == 0 || t.size(1) == 0) return;
@@ -59,6 +61,7 @@ void add_expanded(const char* gemm, at::Tensor& out, const at::Tensor& t, const 
   const bool fusable = (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf) &&
                        t.size(1) <= fused_expand::kMaxRank;
   auto fused = [&](at::Tensor& into) {
+    if (expand_bf16::applies(into, t, b)) return expand_bf16::run(into, t, b, mask);
     const int64_t cols = b.size(1);
     const int64_t padded = (cols + fused_expand::kCols - 1) / fused_expand::kCols * fused_expand::kCols;
     at::Tensor b32 = at::zeros({b.size(0), padded}, b.options().dtype(at::kFloat));

@@ -156,14 +156,14 @@ inline at::Tensor lane_pairs(const at::Tensor& at_rows) {
 // and one load of the factor per 16 products. ap is lane_pairs(a^T); K odd: the last pair's high
 // half is zero.
 constexpr int kLaneRows = 16;
-// From this rank on the ranks fill enough of the 16 lanes for rows_in_lanes() to beat rows_of()
-// (bf16 4096 x 768, AMD EPYC, interleaved: R = 14 245 against 278 us, R = 12 295 against 322,
-// R = 10 293 against 286, R = 8 278 against 234).
+// From this rank on the ranks fill enough of the 16 lanes for rows_in_lanes() to match or beat
+// rows_of() (bf16 4096 x 768, AMD EPYC, interleaved, hot/cold us: R = 16 at 512 x 4096 239/284
+// against 524/613, R = 14 213/236 against 224/244, R = 12 224/266 against 221/251, R = 10
+// 233/250 against 202/239, R = 8 212/231 against 155/190).
 constexpr int64_t kLanesMinRank = 12;
 MSPLORA_BF16_TARGET inline void rows_in_lanes(const uint16_t* x, int64_t ldx, const uint32_t* ap, int64_t k, int64_t r,
                                               uint16_t* out, int64_t m0, int64_t m1) {
   const int64_t full = k / 2;
-  const __mmask16 keep = static_cast<__mmask16>((1u << r) - 1);
   for (int64_t m = m0; m < m1; m += kLaneRows) {
     const int n = static_cast<int>(std::min<int64_t>(kLaneRows, m1 - m));
     const uint16_t* xr[kLaneRows];
@@ -190,9 +190,14 @@ MSPLORA_BF16_TARGET inline void rows_in_lanes(const uint16_t* x, int64_t ldx, co
         acc[i] = _mm512_dpbf16_ps(acc[i], w, (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(xr[i][2 * full])));
       }
     }
+    // The n rows are one contiguous run of out: each row's 16 lanes are stored whole into a packed
+    // buffer (the next row's store overwrites the spare lanes), then copied in one go; a masked
+    // store per row was slow (AMD EPYC).
+    uint16_t packed[kLaneRows * 16 + 16];
     _Pragma("GCC unroll 16") for (int i = 0; i < kLaneRows; ++i) {
-      if (i < n) _mm256_mask_storeu_epi16(out + (m + i) * r, keep, (__m256i)_mm512_cvtneps_pbh(acc[i]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + i * r), (__m256i)_mm512_cvtneps_pbh(acc[i]));
     }
+    std::memcpy(out + m * r, packed, sizeof(uint16_t) * r * n);
   }
 }
 

@@ -1,0 +1,131 @@
+// Our bf16 kernel for the adapter's products that add into a whole (M, N) tensor, out += mask *
+// (t b) (the expand into y, dx's masked dT A^T), on CPUs with AVX512-BF16 (vdpbf16ps).
+//
+// fused_expand.h sums each tile in fp32 FMAs, one rank at a time; here vdpbf16ps takes two ranks
+// at once: b's rows in pairs (rank 2q in the low half of each 32-bit lane, 2q + 1 in the high
+// one), and t's pair for the row broadcast. Each 8 x 32 tile of the product is summed over the R / 2
+// pairs in registers, masked and scaled in fp32, added to out's values and rounded once: one read
+// and one write of out, which the frozen GEMM has just left in cache.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "masking.h"
+#include "thin_product.h"
+
+namespace msplora {
+namespace expand_bf16 {
+
+constexpr int64_t kMaxRank = 64;  // t's pairs for a tile's rows stay on the stack
+constexpr int kRows = 8;          // rows of a tile: they share each load of b's pairs
+constexpr int64_t kCols = 32;     // columns of a tile: one mask word
+
+// Whether run(out, t, b, ...) can run here: bf16, rows contiguous, R <= kMaxRank.
+inline bool applies(const at::Tensor& out, const at::Tensor& t, const at::Tensor& b) {
+  return thin_product::available() && out.scalar_type() == at::kBFloat16 && t.scalar_type() == at::kBFloat16 &&
+         b.scalar_type() == at::kBFloat16 && out.is_contiguous() && t.size(1) >= 1 && t.size(1) <= kMaxRank &&
+         out.numel() > 0;
+}
+
+// b (R x N) in the pairs vdpbf16ps takes: (ceil(R / 2) x n_pad) 32-bit lanes, lane c of row q
+// holding b[2q][c] | b[2q + 1][c] << 16 (zero past R and N).
+inline at::Tensor rank_pairs(const at::Tensor& b, int64_t n_pad) {
+  const int64_t r = b.size(0), n = b.size(1), pairs = (r + 1) / 2;
+  at::Tensor out = at::zeros({pairs, n_pad}, b.options().dtype(at::kInt));
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(b.data_ptr());
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
+  const int64_t s0 = b.stride(0), s1 = b.stride(1);
+  for (int64_t q = 0; q < pairs; ++q) {
+    for (int64_t c = 0; c < n; ++c) {
+      const uint32_t hi = 2 * q + 1 < r ? src[(2 * q + 1) * s0 + c * s1] : 0u;
+      dst[q * n_pad + c] = static_cast<uint32_t>(src[2 * q * s0 + c * s1]) | (hi << 16);
+    }
+  }
+  return out;
+}
+
+#ifdef MSPLORA_THIN_PRODUCT
+// Rows [m0, m1) of out (M x N) += mask * (t b); t (M x R) row-major, bp = rank_pairs(b, n_pad).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void rows(
+    uint16_t* out, const uint16_t* t, int64_t r, const uint32_t* bp, int64_t n, int64_t n_pad,
+    const masking::MaskJob& job, int64_t m0, int64_t m1) {
+  const int64_t pairs = (r + 1) / 2, words = (n + masking::kWordBits - 1) / masking::kWordBits;
+  const bool masked = job.p > 0.0;  // a local: out's stores could otherwise alias job
+  const __m512 scale = _mm512_set1_ps(masked ? static_cast<float>(1.0 / (1.0 - job.p)) : 1.0f);
+  uint32_t tp[kRows][(kMaxRank + 1) / 2];
+  alignas(64) float keep[kCols];
+  for (int64_t m = m0; m < m1; m += kRows) {
+    const int here = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
+    for (int i = 0; i < kRows; ++i) {  // a short last tile repeats its last row
+      const uint16_t* row = t + (m + std::min(i, here - 1)) * r;
+      for (int64_t q = 0; q < pairs; ++q) {
+        const uint32_t hi = 2 * q + 1 < r ? row[2 * q + 1] : 0u;
+        tp[i][q] = static_cast<uint32_t>(row[2 * q]) | (hi << 16);
+      }
+    }
+    for (int64_t c0 = 0; c0 < n; c0 += kCols) {
+      __m512 acc[kRows][2];
+      _Pragma("GCC unroll 8") for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+      for (int64_t q = 0; q < pairs; ++q) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(bp + q * n_pad + c0);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(bp + q * n_pad + c0 + 16);
+        _Pragma("GCC unroll 8") for (int i = 0; i < kRows; ++i) {
+          const __m512bh tv = (__m512bh)_mm512_set1_epi32(static_cast<int>(tp[i][q]));
+          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], w0, tv);
+          acc[i][1] = _mm512_dpbf16_ps(acc[i][1], w1, tv);
+        }
+      }
+      const int64_t len = std::min(kCols, n - c0);
+      // Compile-time indices into acc (a runtime one would keep it in memory, the q loop too).
+      _Pragma("GCC unroll 8") for (int i = 0; i < kRows; ++i) {
+        if (i >= here) break;
+        const int64_t row = m + i;
+        if (masked) {
+          if (job.bits_in) masking::unpacked_flags(keep, len, job.bits_in + row * words + c0 / masking::kWordBits);
+          else masking::hashed_flags(keep, len, job.seed, static_cast<uint64_t>(row * n + c0), static_cast<float>(job.p));
+        }
+        _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h) {
+          const int64_t left = len - 16 * h;
+          if (left <= 0) break;
+          __m512 term = acc[i][h];
+          if (masked) term = _mm512_mul_ps(_mm512_mul_ps(term, _mm512_loadu_ps(keep + 16 * h)), scale);
+          uint16_t* o = out + row * n + c0 + 16 * h;
+          // Masked only at a ragged end: masked stores are slow on some CPUs (AMD EPYC: 3x).
+          if (left >= 16) {
+            const __m512 old = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)o)), 16));
+            _mm256_storeu_si256((__m256i*)o, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(old, term)));
+          } else {
+            const __mmask16 lanes = static_cast<__mmask16>((1u << left) - 1);
+            const __m512 old = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, o)), 16));
+            _mm256_mask_storeu_epi16(o, lanes, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(old, term)));
+          }
+        }
+      }
+    }
+  }
+}
+#endif
+
+// out (M x N, row-major) += t b, masked as `job` says (p = 0: no mask), where applies(out, t, b).
+inline void run(at::Tensor& out, const at::Tensor& t, const at::Tensor& b, const masking::MaskJob& job) {
+  TORCH_CHECK(applies(out, t, b), "msplora: the bf16 expand does not apply to out ", out.sizes(), ", T ", t.sizes(),
+              ", B ", b.sizes());
+#ifdef MSPLORA_THIN_PRODUCT
+  const int64_t n = out.size(1), n_pad = (n + kCols - 1) / kCols * kCols;
+  const at::Tensor bp = rank_pairs(b, n_pad);
+  const at::Tensor tc = t.contiguous();
+  const auto* tv = reinterpret_cast<const uint16_t*>(tc.data_ptr());
+  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const auto* bpv = reinterpret_cast<const uint32_t*>(bp.data_ptr());
+  at::parallel_for(0, (out.size(0) + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
+    rows(o, tv, t.size(1), bpv, n, n_pad, job, begin * kRows, std::min(out.size(0), end * kRows));
+  });
+#endif
+}
+
+}  // namespace expand_bf16
+}  // namespace msplora
