@@ -10,8 +10,9 @@ namespace msplora {
 
 // Which GEMMs the cpp backend may run (cpu/gemms.h): every candidate, timed per shape class
 // (kAuto), one library's, one fixed library and orientation, or our kernels where one applies
-// (kFused: cpu/fused_expand.h for the products that write a whole (M, N) tensor, cpu/thin_product.h
-// for the bf16 thin products and dT with dB in one pass; ATen for the others).
+// (kFused: cpu/expand_bf16.h or cpu/fused_expand.h for the products added into a whole (M, N)
+// tensor, cpu/thin_product.h for the bf16 thin products and dT with dB in one pass; ATen for the
+// others).
 enum class CpuGemm : int {
   kAuto = 0,
   kAten,

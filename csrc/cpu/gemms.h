@@ -164,9 +164,9 @@ constexpr int64_t kColdTimingBytes = 1 << 20;
 // - The heap given back to the system: a step's large frees let glibc trim it, so a fresh output
 //   is faulted in page by page (about 1 us a page there: 1.5 ms for a 4096 x 768 bf16 tensor),
 //   while a warm timing loop reuses one freed block and never pays that. Candidates that write in
-//   place pay nothing, and only this timing sees the difference: the frozen GEMM on oneDNN's sum
-//   post-op (a new output) measured faster than ATen's addmm_ (in place) warm, and cost 5 ms more
-//   per step.
+//   place pay nothing, and only this timing sees the difference (eleventh session: a frozen GEMM
+//   on oneDNN's sum post-op, a new output, measured faster than ATen's addmm_ in place warm, and
+//   cost 5 ms more per step).
 inline void make_cold() {
 #if defined(__GLIBC__)
   malloc_trim(0);
