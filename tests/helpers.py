@@ -8,11 +8,11 @@ from msplora_kernels.ops.backends import BACKENDS
 from msplora_kernels.ops.cpu_info import cpu_info
 from msplora_kernels.ops.functional import draw_seed
 
-# Absolute floors for exact-ish dtypes; low-precision dtypes are judged against the
-# reference's own error in that dtype (see assert_close_to_truth).
 # Where the cpp backend's thin bf16 kernels (csrc/cpu/thin_product.h) can run.
 HAS_BF16_DOT = "avx512_bf16" in cpu_info()["isa"]
 
+# Absolute floors for exact-ish dtypes; low-precision dtypes are judged against the
+# reference's own error in that dtype (see assert_close_to_truth).
 FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 

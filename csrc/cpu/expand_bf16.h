@@ -31,25 +31,9 @@ inline bool applies(const at::Tensor& out, const at::Tensor& t, const at::Tensor
          out.numel() > 0;
 }
 
-// b (R x N) in the pairs vdpbf16ps takes: (ceil(R / 2) x n_pad) 32-bit lanes, lane c of row q
-// holding b[2q][c] | b[2q + 1][c] << 16 (zero past R and N).
-inline at::Tensor rank_pairs(const at::Tensor& b, int64_t n_pad) {
-  const int64_t r = b.size(0), n = b.size(1), pairs = (r + 1) / 2;
-  at::Tensor out = at::zeros({pairs, n_pad}, b.options().dtype(at::kInt));
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(b.data_ptr());
-  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
-  const int64_t s0 = b.stride(0), s1 = b.stride(1);
-  for (int64_t q = 0; q < pairs; ++q) {
-    for (int64_t c = 0; c < n; ++c) {
-      const uint32_t hi = 2 * q + 1 < r ? src[(2 * q + 1) * s0 + c * s1] : 0u;
-      dst[q * n_pad + c] = static_cast<uint32_t>(src[2 * q * s0 + c * s1]) | (hi << 16);
-    }
-  }
-  return out;
-}
-
 #ifdef MSPLORA_THIN_PRODUCT
-// Rows [m0, m1) of out (M x N) += mask * (t b); t (M x R) row-major, bp = rank_pairs(b, n_pad).
+// Rows [m0, m1) of out (M x N) += mask * (t b); t (M x R) row-major, bp =
+// thin_product::packed_row_pairs(b, n_pad): b's pairs of ranks, the columns in the lanes.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void rows(
     uint16_t* out, const uint16_t* t, int64_t r, const uint32_t* bp, int64_t n, int64_t n_pad,
     const masking::MaskJob& job, int64_t m0, int64_t m1) {
@@ -116,7 +100,7 @@ inline void run(at::Tensor& out, const at::Tensor& t, const at::Tensor& b, const
               ", B ", b.sizes());
 #ifdef MSPLORA_THIN_PRODUCT
   const int64_t n = out.size(1), n_pad = (n + kCols - 1) / kCols * kCols;
-  const at::Tensor bp = rank_pairs(b, n_pad);
+  const at::Tensor bp = thin_product::packed_row_pairs(b, n_pad);
   const at::Tensor tc = t.contiguous();
   const auto* tv = reinterpret_cast<const uint16_t*>(tc.data_ptr());
   auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());

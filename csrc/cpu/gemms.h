@@ -9,10 +9,10 @@
 // skinny products, orientation) and keeps the fastest for the rest of the process. The setting
 // can instead name one library (orientation still measured) or one fixed candidate, which is how
 // the tests reach every path on any CPU. Every choice made is listed by gemm_choices().
-// The adapter's products also have our kernels as candidates: the ones that write a whole (M, N)
-// tensor (fused_expand.h) and, in bf16 on CPUs with AVX512-BF16, the thin ones, with dT and dB
-// also as one pass over dy (thin_product.h); cpu_gemm=fused runs ours wherever one applies and
-// ATen elsewhere.
+// The adapter's products also have our kernels as candidates: the ones added into a whole (M, N)
+// tensor (expand_bf16.h in bf16 on CPUs with AVX512-BF16, else fused_expand.h) and, in bf16 on such
+// CPUs, the thin ones, with dT and dB also as one pass over dy (thin_product.h); cpu_gemm=fused
+// runs ours wherever one applies and ATen elsewhere.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -58,8 +58,9 @@ inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const 
 }
 
 // One way to compute a GEMM: a library, and for a product, whether it computes the transpose;
-// or one of our kernels: for a product that writes a whole (M, N) tensor the fused one
-// (fused_expand.h), for a bf16 product with a thin factor the thin one (thin_product.h).
+// or one of our kernels: for a product added into a whole (M, N) tensor the fused one
+// (expand_bf16.h or fused_expand.h), for a bf16 product with a thin factor the thin one
+// (thin_product.h).
 struct Candidate {
   bool onednn;
   bool transposed;

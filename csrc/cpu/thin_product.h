@@ -94,6 +94,26 @@ inline Form form(const at::Tensor& a, const at::Tensor& b) {
   return Form::kNone;
 }
 
+// A bf16 matrix m (P x Q, any strides) with its rows in the pairs vdpbf16ps takes: a
+// (ceil(P / 2) x width) int32 tensor whose word [q][c] is m[2q][c] | m[2q + 1][c] << 16, zero past
+// P and Q. The layout of every operand our kernels pair: t's rows (t^T y), a's rows with the ranks
+// in 16 lanes (rows_in_lanes), b's rows with the columns in lanes (expand_bf16.h).
+inline at::Tensor packed_row_pairs(const at::Tensor& m, int64_t width) {
+  const int64_t p = m.size(0), q_cols = m.size(1), half = (p + 1) / 2, s0 = m.stride(0), s1 = m.stride(1);
+  at::Tensor out = at::empty({half, width}, m.options().dtype(at::kInt));
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(m.data_ptr());
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
+  for (int64_t q = 0; q < half; ++q) {
+    const uint16_t* lo = src + 2 * q * s0;
+    const bool has_hi = 2 * q + 1 < p;
+    for (int64_t c = 0; c < width; ++c) {
+      const uint32_t hi = has_hi && c < q_cols ? lo[s0 + c * s1] : 0u;
+      dst[q * width + c] = c < q_cols ? static_cast<uint32_t>(lo[c * s1]) | (hi << 16) : 0u;
+    }
+  }
+  return out;
+}
+
 #ifdef MSPLORA_THIN_PRODUCT
 #define MSPLORA_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
@@ -133,27 +153,10 @@ MSPLORA_BF16_TARGET void rows_of(const uint16_t* x, int64_t ldx, const uint16_t*
   }
 }
 
-// The factor of x a in the layout rows_in_lanes() reads: at (R x K, row-major, R <= 16) as
-// ceil(K / 2) vectors of 16 lanes, lane j holding at[j][2q] | at[j][2q + 1] << 16 (zero past R and K).
-inline at::Tensor lane_pairs(const at::Tensor& at_rows) {
-  const int64_t r = at_rows.size(0), k = at_rows.size(1), half = (k + 1) / 2;
-  at::Tensor out = at::zeros({half, 16}, at_rows.options().dtype(at::kInt));
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(at_rows.data_ptr());
-  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
-  const int64_t s0 = at_rows.stride(0), s1 = at_rows.stride(1);
-  for (int64_t j = 0; j < r; ++j) {
-    for (int64_t q = 0; q < half; ++q) {
-      const uint32_t hi = 2 * q + 1 < k ? src[j * s0 + (2 * q + 1) * s1] : 0u;
-      dst[q * 16 + j] = static_cast<uint32_t>(src[j * s0 + 2 * q * s1]) | (hi << 16);
-    }
-  }
-  return out;
-}
-
 // Rows [m0, m1) of out (M x R, row-major) = x a, the ranks in the vector lanes: 16 rows at a time,
 // each a 16-lane fp32 accumulator that one vdpbf16ps per pair of x's columns advances (the pair
 // broadcast from memory, the factor's pair vector shared by the 16 rows). No horizontal sums,
-// and one load of the factor per 16 products. ap is lane_pairs(a^T); K odd: the last pair's high
+// and one load of the factor per 16 products. ap is packed_row_pairs(a, 16); K odd: the last pair's high
 // half is zero.
 constexpr int kLaneRows = 16;
 // From this rank on the ranks fill enough of the 16 lanes for rows_in_lanes() to match or beat
@@ -301,7 +304,7 @@ inline at::Tensor thin_right(const at::Tensor& x, const at::Tensor& a) {
   at::Tensor out = at::empty({x.size(0), a.size(1)}, x.options());
 #ifdef MSPLORA_THIN_PRODUCT
   if (a.size(1) >= kLanesMinRank) {
-    const at::Tensor ap = lane_pairs(a.t());
+    const at::Tensor ap = packed_row_pairs(a, 16);
     run_in_lanes(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0),
                  reinterpret_cast<const uint32_t*>(ap.data_ptr()), x.size(1), a.size(1),
                  reinterpret_cast<uint16_t*>(out.data_ptr()), x.size(0));
@@ -327,18 +330,7 @@ struct LeftSums {
 
   LeftSums(const at::Tensor& t, const at::Tensor& y)
       : rank(t.size(1)), n_pad((y.size(1) + 31) / 32 * 32), threads(at::get_num_threads()) {
-    const int64_t m = t.size(0), half = (m + 1) / 2, s0 = t.stride(0), s1 = t.stride(1);
-    pairs = at::empty({half, rank}, t.options().dtype(at::kInt));
-    const uint16_t* src = reinterpret_cast<const uint16_t*>(t.data_ptr());
-    uint32_t* dst = reinterpret_cast<uint32_t*>(pairs.data_ptr());
-    for (int64_t q = 0; q < half; ++q) {
-      const uint16_t* lo = src + 2 * q * s0;
-      const bool has_hi = 2 * q + 1 < m;
-      for (int64_t j = 0; j < rank; ++j) {
-        const uint32_t hi = has_hi ? lo[s0 + j * s1] : 0u;
-        dst[q * rank + j] = static_cast<uint32_t>(lo[j * s1]) | (hi << 16);
-      }
-    }
+    pairs = packed_row_pairs(t, rank);
     const int64_t floats = threads * rank * n_pad + n_pad / 2;  // n_pad bf16 zeros take n_pad / 2 floats
     scratch = at::empty({floats}, y.options().dtype(at::kFloat));
     std::memset(scratch.data_ptr(), 0, static_cast<size_t>(floats) * sizeof(float));
@@ -398,7 +390,7 @@ inline std::tuple<at::Tensor, at::Tensor> grads(const at::Tensor& dy, const at::
   const LeftSums sums(t, dy);
 #ifdef MSPLORA_THIN_PRODUCT
   const at::Tensor bc = b.contiguous();
-  const at::Tensor bp = b.size(0) >= kLanesMinRank ? lane_pairs(b) : at::Tensor();
+  const at::Tensor bp = b.size(0) >= kLanesMinRank ? packed_row_pairs(b.t(), 16) : at::Tensor();
   const int64_t rows = std::max<int64_t>(2, kChunkBytes / (dy.size(1) * 2)) / 2 * 2;
   with_rank(t.size(1), [&](auto rank) {
     grads_rank<decltype(rank)::value>(reinterpret_cast<const uint16_t*>(dy.data_ptr()), dy.stride(0), dy.size(0),

@@ -93,7 +93,7 @@ def _factor_grads(ctx, ops, x, x_lora, bits, dt, db, seed, need_as, need_bs):
     return da_levels, db_levels
 
 
-def _levels(factors, scales, backend_name):
+def _levels(factors, backend_name):
     """A call's factors as (As, Bs), and its backend."""
     levels = len(factors) // 2
     return factors[:levels], factors[levels:], BACKENDS[backend_name]
@@ -108,7 +108,7 @@ def _remember(ctx, p, backend_name, scales, As, Bs):
 class FusedMSPLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p: float, seed, backend_name: str, scales, *factors):
-        As, Bs, backend = _levels(factors, scales, backend_name)
+        As, Bs, backend = _levels(factors, backend_name)
         levels, ops = len(As), backend.ops
         x_lora = bits = None  # dropout(x) or the packed mask, when one is kept for the backward
         need_as = ctx.needs_input_grad[7 : 7 + levels]
@@ -159,7 +159,7 @@ class FusedLoRAAddFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, x, p: float, seed, backend_name: str, scales, *factors):
-        As, Bs, backend = _levels(factors, scales, backend_name)
+        As, Bs, backend = _levels(factors, backend_name)
         levels, ops = len(As), backend.ops
         with _below_autograd():
             a, b = _joined(As, Bs, scales, x.dtype)
