@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import msplora_kernels as mk
-from msplora_kernels.ops.cpu_info import cpu_info
+from msplora_kernels.ops.cpu_info import cpu_info, cpu_label
 from msplora_kernels.ops.backends import triton_gemm_choices
 from msplora_kernels.ops.native import gemm_choices
 
@@ -20,7 +20,7 @@ from msplora_kernels.ops.native import gemm_choices
 def device_name(device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name()
-    return f"{cpu_info()['model']} ({torch.get_num_threads()} threads)"
+    return f"{cpu_label()}, {torch.get_num_threads()} threads"
 
 
 def metadata(device, dtype) -> dict:
@@ -107,6 +107,10 @@ def add_ratios(records: list[dict]) -> None:
         r["vs_peft_lora"] = ratio(r, "peft_lora")
         r["vs_naive"] = ratio(r, "msplora_naive")
         r["flop_floor_vs_linear"] = flop_floor(r)
+        # The least x peft_lora the FLOPs allow: the floor over the faster frozen linear measured.
+        peft = ref.get((group(r), "peft_lora"))
+        r["flop_floor_vs_peft"] = (r["flop_floor_vs_linear"] * fastest / peft
+                                   if r["flop_floor_vs_linear"] and fastest and peft else None)
 
 
 def dropouts(records: list[dict]) -> str:
@@ -135,6 +139,7 @@ def table(records: list[dict]) -> str:
         ("x fastest linear", lambda r: _fmt(r.get("vs_fastest_linear"), ".3f")),
         ("floor", lambda r: _fmt(r.get("flop_floor_vs_linear"), ".3f")),
         ("x peft_lora", lambda r: _fmt(r["vs_peft_lora"], ".3f")),
+        ("floor x peft", lambda r: _fmt(r.get("flop_floor_vs_peft"), ".3f")),
         ("x naive", lambda r: _fmt(r["vs_naive"], ".3f")),
         ("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
         ("peak MB", lambda r: _fmt(r["peak_mem_mb"], ".1f")),

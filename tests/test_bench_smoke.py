@@ -47,6 +47,13 @@ def test_layer_bench_tiny(tmp_path):
     # tiny: K=64, N=48, R=14 -> 1 + 3*14*112 / (2*64*48)
     assert {r["flop_floor_vs_linear"] for r in records if r["method"].startswith("msplora")} == {1 + 3 * 14 * 112 / 6144}
     assert records[0]["flop_floor_vs_linear"] is None
+    # The least x peft_lora the FLOPs allow: the floor over the faster frozen linear, against PEFT's time.
+    fastest = min(r["fwd_bwd_ms"] for r in records if r["method"] in ("linear", "linear_onednn"))
+    peft = next(r["fwd_bwd_ms"] for r in records if r["method"] == "peft_lora")
+    for r in records:
+        expected = r["flop_floor_vs_linear"] * fastest / peft if r["flop_floor_vs_linear"] else None
+        assert r["flop_floor_vs_peft"] == expected
+    assert "floor x peft" in stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -12,9 +12,10 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
 
 @functools.lru_cache(maxsize=None)
 def cpu_info() -> dict:
-    """{"model": ..., "isa": [flags present], "machine": ...}; /proc/cpuinfo on Linux, else what
-    the platform module knows."""
-    model, flags = platform.processor() or platform.machine(), set()
+    """{"model": ..., "isa": [flags present], "machine": ..., "family": ..., "model_number": ...};
+    /proc/cpuinfo on Linux, else what the platform module knows. Family and model number tell apart
+    CPUs that a hypervisor names alike ("AMD EPYC" is family 25 on Zen 4, 26 on Zen 5)."""
+    model, flags, numbers = platform.processor() or platform.machine(), set(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
@@ -23,6 +24,17 @@ def cpu_info() -> dict:
                 model = value.strip()
             elif key in ("flags", "Features"):
                 flags |= set(value.split())
+            elif key in ("cpu family", "model") and key not in numbers:
+                numbers[key] = value.strip()
     except OSError:
         pass
-    return {"model": model, "machine": platform.machine(), "isa": [f for f in ISA_FLAGS if f in flags]}
+    return {"model": model, "machine": platform.machine(), "isa": [f for f in ISA_FLAGS if f in flags],
+            "family": numbers.get("cpu family"), "model_number": numbers.get("model")}
+
+
+def cpu_label() -> str:
+    """The model name, with its family and model number where /proc/cpuinfo gives them."""
+    info = cpu_info()
+    if info["family"] is None:
+        return info["model"]
+    return f"{info['model']} (family {info['family']}, model {info['model_number']})"
