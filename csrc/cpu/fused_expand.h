@@ -33,11 +33,12 @@ MSPLORA_INLINE vec16 load16(const float* p) {
   return v;
 }
 
-// Rows [m0, m0 + n_rows) of out += t b, masked (job.p > 0: from job.bits_in, else hashed). b32 is
-// b in fp32 with its rows padded with zeros to `padded` columns, a multiple of kCols.
+// Rows [m0, m0 + n_rows) of out += t b, masked (job.p > 0: from job.bits_in, else hashed), while
+// the next_rows after them are prefetched. b32 is b in fp32 with its rows padded with zeros to
+// `padded` columns, a multiple of kCols.
 template <typename scalar_t>
-MSPLORA_INLINE void block(scalar_t* out, const scalar_t* t, int64_t m0, int n_rows, int64_t ranks, const float* b32,
-                          int64_t cols, int64_t padded, const masking::MaskJob& job) {
+MSPLORA_INLINE void block(scalar_t* out, const scalar_t* t, int64_t m0, int n_rows, int next_rows, int64_t ranks,
+                          const float* b32, int64_t cols, int64_t padded, const masking::MaskJob& job) {
   const int64_t words = (cols + masking::kWordBits - 1) / masking::kWordBits;
   const double scale = job.p > 0 ? 1.0 / (1.0 - job.p) : 1.0;
   float tv[kRows * kMaxRank];
@@ -46,7 +47,15 @@ MSPLORA_INLINE void block(scalar_t* out, const scalar_t* t, int64_t m0, int n_ro
   for (int i = 0; i < kRows; ++i) {
     for (int64_t r = 0; r < ranks; ++r) tv[i * ranks + r] = i < n_rows ? static_cast<float>(t[(m0 + i) * ranks + r]) : 0.0f;
   }
+  // The next block's lines of out, a few per tile, so that its read-modify-write finds them in
+  // cache (as in expand_bf16.h; its hardware-prefetched version waited on out).
+  const int64_t tiles = padded / kCols;
+  const int64_t next_lines = next_rows * cols * static_cast<int64_t>(sizeof(scalar_t)) / 64;
+  const int64_t lines_per_tile = next_lines / tiles + 1;
+  const char* next = reinterpret_cast<const char*>(out + (m0 + kRows) * cols);
+  int64_t line = 0;
   for (int64_t n0 = 0; n0 < padded; n0 += kCols) {
+    for (int64_t i = 0; i < lines_per_tile && line < next_lines; ++i, ++line) __builtin_prefetch(next + line * 64, 1);
     // A kRows x kCols tile summed over the ranks in registers.
     vec16 sum[kRows][kVecs] = {};
     for (int64_t r = 0; r < ranks; ++r) {
@@ -79,7 +88,9 @@ MSPLORA_INLINE void blocks(scalar_t* out, const scalar_t* t, int64_t rows, int64
                            int64_t cols, int64_t padded, const masking::MaskJob& job, int64_t begin, int64_t end) {
   for (int64_t blk = begin; blk < end; ++blk) {
     const int64_t m0 = blk * kRows;
-    block(out, t, m0, static_cast<int>(std::min<int64_t>(kRows, rows - m0)), ranks, b32, cols, padded, job);
+    // The next block's rows are prefetched only where this thread will compute them.
+    const int next_rows = blk + 1 < end ? static_cast<int>(std::min<int64_t>(kRows, rows - m0 - kRows)) : 0;
+    block(out, t, m0, static_cast<int>(std::min<int64_t>(kRows, rows - m0)), next_rows, ranks, b32, cols, padded, job);
   }
 }
 
