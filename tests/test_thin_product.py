@@ -85,7 +85,8 @@ def test_auto_times_our_kernel_only_where_it_applies():
 
 
 @pytest.mark.parametrize("tokens,in_f,out_f,rank", [(7, 40, 33, 5), (33, 64, 77, 14), (130, 96, 50, 1),
-                                                      (65, 48, 100, 33)])  # odd ranks, columns past the 32-wide tile
+                                                      (65, 48, 100, 33),  # odd ranks, columns past the 32-wide tile
+                                                      (20, 64, 70, 112)])  # llama2-7b's total rank
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_the_bf16_expand_adds_into_the_frozen_output_and_matches_float64(tokens, in_f, out_f, rank, p):
     # csrc/cpu/expand_bf16.h, forced: y = x W^T + b + T B, dx = dy W + mask * (dT A^T) with the
