@@ -49,7 +49,9 @@ def format_report(env: dict) -> str:
     ext = env["extension"]
     lines.append("compiled extension: " + (f"loaded, {ext['how']}" if ext["loaded"] else f"not loaded: {ext['why_not']}"))
     cpu = env["cpu"]
-    lines.append(f"CPU: {cpu['model']} ({cpu['machine']}, {cpu['threads']} threads), ISA: {', '.join(cpu['isa']) or 'none of note'}")
+    numbers = f"family {cpu['family']}, model {cpu['model_number']}, " if cpu.get("family") is not None else ""
+    lines.append(f"CPU: {cpu['model']} ({numbers}{cpu['machine']}, {cpu['threads']} threads), "
+                 f"ISA: {', '.join(cpu['isa']) or 'none of note'}")
     lines.append("GPU: " + ("; ".join(f"{g['name']} (compute capability {g['compute_capability']})" for g in env["gpus"])
                             or "none"))
     lines.append("settings: " + ", ".join(f"{name}={v['value']} ({v['source']})" for name, v in env["settings"].items()))
