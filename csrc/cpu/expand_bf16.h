@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "masking.h"
+#include "prefetch.h"
 #include "thin_product.h"
 
 namespace msplora {
@@ -47,11 +48,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rows(
   const __m512 scale = _mm512_set1_ps(masked ? static_cast<float>(1.0 / (1.0 - job.p)) : 1.0f);
   uint32_t tp[kRows][(kMaxRank + 1) / 2];
   alignas(64) float keep[kCols];
-  // The next tile row's lines of out are prefetched meanwhile, a few per tile: left to the hardware
-  // prefetcher the kernel waited on out (Zen 4, 4096 x 768 x 14, interleaved: 553-573 -> 387 us
-  // hot, 601-624 -> 476 cold).
   const int64_t tiles = (n + kCols - 1) / kCols;
-  const int64_t lines_per_tile = (kRows * n * 2 / 64 + tiles - 1) / tiles + 1;
   for (int64_t m = m0; m < m1; m += kRows) {
     const int here = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
     for (int i = 0; i < kRows; ++i) {  // a short last tile repeats its last row
@@ -61,13 +58,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rows(
         tp[i][q] = static_cast<uint32_t>(row[2 * q]) | (hi << 16);
       }
     }
-    const char* next = reinterpret_cast<const char*>(out + (m + kRows) * n);
-    const int64_t next_lines = std::max<int64_t>(0, std::min<int64_t>(kRows, m1 - m - kRows)) * n * 2 / 64;
-    int64_t line = 0;
+    // The next tile row's lines of out, a few per tile: left to the hardware prefetcher the kernel
+    // waited on out (Zen 4, 4096 x 768 x 14, interleaved: 553-573 -> 387 us hot, 601-624 -> 476 cold).
+    const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(kRows, m1 - m - kRows));
+    SpreadPrefetch<> ahead(out + (m + kRows) * n, next_rows * n * 2 / 64, tiles);
     for (int64_t c0 = 0; c0 < n; c0 += kCols) {
-      for (int64_t i = 0; i < lines_per_tile && line < next_lines; ++i, ++line) {
-        _mm_prefetch(next + line * 64, _MM_HINT_T0);
-      }
+      ahead.step();
       __m512 acc[kRows][2];
       _Pragma("GCC unroll 8") for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
       for (int64_t q = 0; q < pairs; ++q) {

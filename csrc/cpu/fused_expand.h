@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "masking.h"
+#include "prefetch.h"
 
 namespace msplora {
 namespace fused_expand {
@@ -49,13 +50,10 @@ MSPLORA_INLINE void block(scalar_t* out, const scalar_t* t, int64_t m0, int n_ro
   }
   // The next block's lines of out, a few per tile, so that its read-modify-write finds them in
   // cache (as in expand_bf16.h; its hardware-prefetched version waited on out).
-  const int64_t tiles = padded / kCols;
-  const int64_t next_lines = next_rows * cols * static_cast<int64_t>(sizeof(scalar_t)) / 64;
-  const int64_t lines_per_tile = next_lines / tiles + 1;
-  const char* next = reinterpret_cast<const char*>(out + (m0 + kRows) * cols);
-  int64_t line = 0;
+  SpreadPrefetch</*kForWrite=*/true> ahead(out + (m0 + kRows) * cols,
+                                          next_rows * cols * static_cast<int64_t>(sizeof(scalar_t)) / 64, padded / kCols);
   for (int64_t n0 = 0; n0 < padded; n0 += kCols) {
-    for (int64_t i = 0; i < lines_per_tile && line < next_lines; ++i, ++line) __builtin_prefetch(next + line * 64, 1);
+    ahead.step();
     // A kRows x kCols tile summed over the ranks in registers.
     vec16 sum[kRows][kVecs] = {};
     for (int64_t r = 0; r < ranks; ++r) {

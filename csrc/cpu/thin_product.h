@@ -28,6 +28,7 @@
 #include <utility>
 
 #include "masking.h"
+#include "prefetch.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MSPLORA_THIN_PRODUCT 1
@@ -228,9 +229,7 @@ MSPLORA_BF16_TARGET void pair_rows(const uint32_t* tp, const uint16_t* y, int64_
                                    const uint16_t* zeros, float* out32, int64_t n_pad, int64_t p0, int64_t p1,
                                    const char* ahead = nullptr, int64_t ahead_lines = 0) {
   constexpr int64_t kCols = 16 * GROUPS;  // n_pad is a multiple of 32: every block is whole
-  const int64_t iterations = n_pad / kCols * (p1 - p0);
-  const int64_t per_iteration = iterations > 0 ? (ahead_lines + iterations - 1) / iterations : 0;
-  int64_t line = 0;
+  SpreadPrefetch<> next(ahead, ahead_lines, n_pad / kCols * (p1 - p0));
   for (int64_t c0 = 0; c0 < n_pad; c0 += kCols) {
     __mmask16 mask[GROUPS];
     __m512 acc[GROUPS][R];
@@ -240,9 +239,7 @@ MSPLORA_BF16_TARGET void pair_rows(const uint32_t* tp, const uint16_t* y, int64_
       _Pragma("GCC unroll 16") for (int j = 0; j < R; ++j) acc[g][j] = _mm512_loadu_ps(out32 + j * n_pad + c0 + 16 * g);
     }
     for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t i = 0; i < per_iteration && line < ahead_lines; ++i, ++line) {
-        _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
-      }
+      next.step();
       const uint16_t* r0 = y + 2 * p * ldy;
       const uint16_t* r1 = 2 * p + 1 < m ? r0 + ldy : zeros;
       __m512i pair[GROUPS];
