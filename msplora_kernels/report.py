@@ -14,7 +14,7 @@ import torch
 from . import _build
 from ._version import __version__
 from .ops import backends
-from .ops.cpu_info import cpu_info
+from .ops.cpu_info import cpu_info, cpu_label
 
 
 def _version_of(dist: str) -> str:
@@ -49,8 +49,7 @@ def format_report(env: dict) -> str:
     ext = env["extension"]
     lines.append("compiled extension: " + (f"loaded, {ext['how']}" if ext["loaded"] else f"not loaded: {ext['why_not']}"))
     cpu = env["cpu"]
-    numbers = f"family {cpu['family']}, model {cpu['model_number']}, " if cpu.get("family") is not None else ""
-    lines.append(f"CPU: {cpu['model']} ({numbers}{cpu['machine']}, {cpu['threads']} threads), "
+    lines.append(f"CPU: {cpu_label(cpu)}, {cpu['machine']}, {cpu['threads']} threads, "
                  f"ISA: {', '.join(cpu['isa']) or 'none of note'}")
     lines.append("GPU: " + ("; ".join(f"{g['name']} (compute capability {g['compute_capability']})" for g in env["gpus"])
                             or "none"))

@@ -32,9 +32,10 @@ def cpu_info() -> dict:
             "family": numbers.get("cpu family"), "model_number": numbers.get("model")}
 
 
-def cpu_label() -> str:
-    """The model name, with its family and model number where /proc/cpuinfo gives them."""
-    info = cpu_info()
-    if info["family"] is None:
+def cpu_label(info: dict | None = None) -> str:
+    """The model name, with its family and model number where /proc/cpuinfo gives them; of this
+    process's CPU, or of `info` as cpu_info() wrote it (a report from another machine)."""
+    info = info or cpu_info()
+    if info.get("family") is None:
         return info["model"]
     return f"{info['model']} (family {info['family']}, model {info['model_number']})"
