@@ -104,15 +104,29 @@ inline at::Tensor packed_row_pairs(const at::Tensor& m, int64_t width) {
   at::Tensor out = at::empty({half, width}, m.options().dtype(at::kInt));
   const uint16_t* src = reinterpret_cast<const uint16_t*>(m.data_ptr());
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
+  const int64_t cols = std::min(q_cols, width);
   for (int64_t q = 0; q < half; ++q) {
     const uint16_t* lo = src + 2 * q * s0;
     const bool has_hi = 2 * q + 1 < p;
-    for (int64_t c = 0; c < width; ++c) {
-      const uint32_t hi = has_hi && c < q_cols ? lo[s0 + c * s1] : 0u;
-      dst[q * width + c] = c < q_cols ? static_cast<uint32_t>(lo[c * s1]) | (hi << 16) : 0u;
+    uint32_t* row = dst + q * width;
+    if (s1 == 1 && has_hi) {  // contiguous rows: branch-free, so it vectorizes (llama2-7b's b: 250 -> 25 us)
+      const uint16_t* hi = lo + s0;
+      for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<uint32_t>(lo[c]) | (static_cast<uint32_t>(hi[c]) << 16);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<uint32_t>(lo[c * s1]) | ((has_hi ? static_cast<uint32_t>(lo[s0 + c * s1]) : 0u) << 16);
     }
+    for (int64_t c = cols; c < width; ++c) row[c] = 0u;
   }
   return out;
+}
+
+// packed_row_pairs(m, ceil(Q / tile) * tile) with each tile of columns stored whole: word
+// [j][q][c] is column j * tile + c of pair q. A kernel that walks the columns a tile at a time then
+// reads one contiguous run per tile, not a line every (width * 4) bytes (the bf16 expand at
+// llama2-7b's R = 112: 1485-1517 -> 1334-1351 us hot, Zen 4).
+inline at::Tensor packed_column_tiles(const at::Tensor& m, int64_t tile) {
+  const int64_t width = (m.size(1) + tile - 1) / tile * tile;
+  return packed_row_pairs(m, width).view({(m.size(0) + 1) / 2, width / tile, tile}).permute({1, 0, 2}).contiguous();
 }
 
 #ifdef MSPLORA_THIN_PRODUCT
