@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "masking.h"
 #include "prefetch.h"
@@ -36,7 +37,7 @@ inline bool applies(const at::Tensor& out, const at::Tensor& t, const at::Tensor
 
 #ifdef MSPLORA_THIN_PRODUCT
 // Rows [m0, m1) of out (M x N) += mask * (t b); t (M x R) row-major, bp =
-// thin_product::packed_column_tiles(b, kCols): b's pairs of ranks, the columns in the lanes. Compiled
+// thin_product::pack_column_tiles(b, kCols): b's pairs of ranks, the columns in the lanes. Compiled
 // apart for MASKED (job.p > 0) and not, so that the unmasked expand carries none of the mask's
 // code (Zen 4, 4096 x 768 x 14, hot: 372-506 against 395-537 us in four interleaved runs, one even).
 template <bool MASKED>
@@ -112,12 +113,16 @@ inline void run(at::Tensor& out, const at::Tensor& t, const at::Tensor& b, const
   TORCH_CHECK(applies(out, t, b), "msplora: the bf16 expand does not apply to out ", out.sizes(), ", T ", t.sizes(),
               ", B ", b.sizes());
 #ifdef MSPLORA_THIN_PRODUCT
-  const int64_t n = out.size(1);
-  const at::Tensor bp = thin_product::packed_column_tiles(b, kCols);
+  const int64_t n = out.size(1), pairs = (b.size(0) + 1) / 2;
+  // Packed into a buffer this thread keeps: a fresh one (917 KB at llama2-7b) would be faulted in
+  // page by page once the heap is trimmed, as it is in a training step (gemms.h, make_cold).
+  static thread_local std::vector<uint32_t> packed;
+  packed.resize(std::max<size_t>(packed.size(), pairs * ((n + kCols - 1) / kCols) * kCols));
+  thin_product::pack_column_tiles(b, kCols, packed.data());
   const at::Tensor tc = t.contiguous();
   const auto* tv = reinterpret_cast<const uint16_t*>(tc.data_ptr());
   auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const auto* bpv = reinterpret_cast<const uint32_t*>(bp.data_ptr());
+  const uint32_t* bpv = packed.data();
   at::parallel_for(0, (out.size(0) + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
     if (job.p > 0.0) rows<true>(o, tv, t.size(1), bpv, n, job, begin * kRows, std::min(out.size(0), end * kRows));
     else rows<false>(o, tv, t.size(1), bpv, n, job, begin * kRows, std::min(out.size(0), end * kRows));

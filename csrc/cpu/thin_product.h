@@ -95,38 +95,48 @@ inline Form form(const at::Tensor& a, const at::Tensor& b) {
   return Form::kNone;
 }
 
+// `width` words of one pair of rows, lo and lo + s0 (hi: whether that row exists), from column 0
+// with stride s1: word c is lo[c] | hi[c] << 16 up to `cols`, then zeros.
+inline void pack_pair_row(const uint16_t* lo, int64_t s0, int64_t s1, bool has_hi, int64_t cols, int64_t width,
+                          uint32_t* row) {
+  if (s1 == 1 && has_hi) {  // contiguous rows: branch-free, so it vectorizes (llama2-7b's b: 250 -> 25 us)
+    const uint16_t* hi = lo + s0;
+    for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<uint32_t>(lo[c]) | (static_cast<uint32_t>(hi[c]) << 16);
+  } else {
+    for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<uint32_t>(lo[c * s1]) | ((has_hi ? static_cast<uint32_t>(lo[s0 + c * s1]) : 0u) << 16);
+  }
+  for (int64_t c = cols; c < width; ++c) row[c] = 0u;
+}
+
 // A bf16 matrix m (P x Q, any strides) with its rows in the pairs vdpbf16ps takes: a
 // (ceil(P / 2) x width) int32 tensor whose word [q][c] is m[2q][c] | m[2q + 1][c] << 16, zero past
 // P and Q. The layout of every operand our kernels pair: t's rows (t^T y), a's rows with the ranks
-// in 16 lanes (rows_in_lanes), b's rows with the columns in lanes (expand_bf16.h).
+// in 16 lanes (rows_in_lanes).
 inline at::Tensor packed_row_pairs(const at::Tensor& m, int64_t width) {
-  const int64_t p = m.size(0), q_cols = m.size(1), half = (p + 1) / 2, s0 = m.stride(0), s1 = m.stride(1);
+  const int64_t p = m.size(0), half = (p + 1) / 2, s0 = m.stride(0), s1 = m.stride(1);
   at::Tensor out = at::empty({half, width}, m.options().dtype(at::kInt));
   const uint16_t* src = reinterpret_cast<const uint16_t*>(m.data_ptr());
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr());
-  const int64_t cols = std::min(q_cols, width);
   for (int64_t q = 0; q < half; ++q) {
-    const uint16_t* lo = src + 2 * q * s0;
-    const bool has_hi = 2 * q + 1 < p;
-    uint32_t* row = dst + q * width;
-    if (s1 == 1 && has_hi) {  // contiguous rows: branch-free, so it vectorizes (llama2-7b's b: 250 -> 25 us)
-      const uint16_t* hi = lo + s0;
-      for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<uint32_t>(lo[c]) | (static_cast<uint32_t>(hi[c]) << 16);
-    } else {
-      for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<uint32_t>(lo[c * s1]) | ((has_hi ? static_cast<uint32_t>(lo[s0 + c * s1]) : 0u) << 16);
-    }
-    for (int64_t c = cols; c < width; ++c) row[c] = 0u;
+    pack_pair_row(src + 2 * q * s0, s0, s1, 2 * q + 1 < p, std::min(m.size(1), width), width, dst + q * width);
   }
   return out;
 }
 
-// packed_row_pairs(m, ceil(Q / tile) * tile) with each tile of columns stored whole: word
-// [j][q][c] is column j * tile + c of pair q. A kernel that walks the columns a tile at a time then
-// reads one contiguous run per tile, not a line every (width * 4) bytes (the bf16 expand at
+// The same pairs with the columns in tiles of `tile`, each tile stored whole (b's rows with the
+// columns in lanes, expand_bf16.h): word [j][q][c] is column j * tile + c of pair q, zero past P
+// and Q; ceil(P / 2) * ceil(Q / tile) * tile words at dst. A kernel that walks the columns a tile at
+// a time reads one contiguous run per tile, not a line every 4Q bytes (the bf16 expand at
 // llama2-7b's R = 112: 1485-1517 -> 1334-1351 us hot, Zen 4).
-inline at::Tensor packed_column_tiles(const at::Tensor& m, int64_t tile) {
-  const int64_t width = (m.size(1) + tile - 1) / tile * tile;
-  return packed_row_pairs(m, width).view({(m.size(0) + 1) / 2, width / tile, tile}).permute({1, 0, 2}).contiguous();
+inline void pack_column_tiles(const at::Tensor& m, int64_t tile, uint32_t* dst) {
+  const int64_t p = m.size(0), q_cols = m.size(1), half = (p + 1) / 2, s0 = m.stride(0), s1 = m.stride(1);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(m.data_ptr());
+  for (int64_t j = 0; j * tile < q_cols; ++j) {
+    for (int64_t q = 0; q < half; ++q) {
+      pack_pair_row(src + 2 * q * s0 + j * tile * s1, s0, s1, 2 * q + 1 < p, std::min(tile, q_cols - j * tile), tile,
+                    dst + (j * half + q) * tile);
+    }
+  }
 }
 
 #ifdef MSPLORA_THIN_PRODUCT
