@@ -92,6 +92,20 @@ def test_a_setting_restricts_the_candidates(mode, names):
         assert chosen <= names
 
 
+@pytest.mark.parametrize("tokens,in_f,rank", [(40, 64, 16), (33, 77, 13), (70, 100, 9), (5, 3, 2), (9, 4096, 112)])
+def test_a_transposed_bf16_product_is_copied_to_row_major_exactly(tokens, in_f, rank):
+    # csrc/cpu/transpose.h: the aten:transposed candidate's column-major dA (in_f x rank), copied
+    # in 8 x 32 blocks and element by element at the ragged edges, equals ATen's copy bit for bit.
+    x, dt = torch.randn(tokens, in_f).bfloat16(), torch.randn(tokens, rank).bfloat16()
+    torch.ops.msplora.forget_gemm_choices()
+    with settings.overridden(cpu_gemm="aten:transposed"):
+        da = torch.ops.msplora.grad_a(x, dt, 0.0, torch.tensor([11]))
+        [line] = gemm_choices()
+    assert "-> aten:transposed" in line, line
+    assert da.shape == (in_f, rank) and da.is_contiguous()
+    assert torch.equal(da, torch.mm(dt.t(), x).t().contiguous())
+
+
 def test_fused_runs_our_kernels_where_they_apply_and_auto_times_them():
     # The products that write a whole (M, N) tensor (expand, dx's adapter term) have our fused
     # kernel as a candidate, and in bf16 on CPUs with AVX512-BF16 the thin products ours too (the

@@ -34,6 +34,7 @@
 
 #include "../settings.h"
 #include "thin_product.h"
+#include "transpose.h"
 
 namespace msplora {
 
@@ -285,14 +286,15 @@ inline at::Tensor product_with(const Candidate& c, const at::Tensor& a, const at
 }
 
 // A rank-R product a @ b of the adapter, row-major. `transposable` lets a transposed candidate run;
-// its column-major result is then copied, and timed with the copy: without it, dA at llama2-7b bf16
-// chose aten:transposed (2082 us against 2236 plain) and paid 430 us more for the copy (Zen 4).
+// its column-major result is then copied (transpose.h), and timed with the copy: without it, dA at
+// llama2-7b bf16 chose aten:transposed (2082 us against 2236 plain) and paid 430 us more for
+// ATen's copy (Zen 4).
 inline at::Tensor product(const char* gemm, const at::Tensor& a, const at::Tensor& b, bool transposable = true) {
   if (a.numel() == 0 || b.numel() == 0) return at::mm(a, b);
   const Candidate c = choose(gemm, a.scalar_type(), a.size(0), a.size(1), b.size(1), transposable,
-                             [&](const Candidate& cand) { product_with(cand, a, b).contiguous(); }, /*fusable=*/false,
+                             [&](const Candidate& cand) { transpose::row_major(product_with(cand, a, b)); }, /*fusable=*/false,
                              thin_product::form(a, b) != thin_product::Form::kNone);
-  return product_with(c, a, b).contiguous();
+  return transpose::row_major(product_with(c, a, b));
 }
 
 // x w^T + bias, the frozen GEMM, into a new row-major output as nn.Linear computes it: on ATen
