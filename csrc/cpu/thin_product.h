@@ -102,6 +102,8 @@ inline void pack_pair_row(const uint16_t* lo, int64_t s0, int64_t s1, bool has_h
   if (s1 == 1 && has_hi) {  // contiguous rows: branch-free, so it vectorizes (llama2-7b's b: 250 -> 25 us)
     const uint16_t* hi = lo + s0;
     for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<uint32_t>(lo[c]) | (static_cast<uint32_t>(hi[c]) << 16);
+  } else if (s0 == 1 && has_hi) {  // column-major (a^T, dx's term): a pair is one little-endian word
+    for (int64_t c = 0; c < cols; ++c) std::memcpy(row + c, lo + c * s1, sizeof(uint32_t));
   } else {
     for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<uint32_t>(lo[c * s1]) | ((has_hi ? static_cast<uint32_t>(lo[s0 + c * s1]) : 0u) << 16);
   }
