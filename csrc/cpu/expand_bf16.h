@@ -37,7 +37,8 @@ inline bool applies(const at::Tensor& out, const at::Tensor& t, const at::Tensor
 
 #ifdef MSPLORA_THIN_PRODUCT
 // Rows [m0, m1) of out (M x N) += mask * (t b); t (M x R) row-major, bp =
-// thin_product::pack_column_tiles(b, kCols): b's pairs of ranks, the columns in the lanes. Compiled
+// thin_product::pack_column_tiles(b, kCols): b's pairs of ranks, the columns in the lanes, a tile's
+// kCols columns of every pair in one contiguous run (tile j starts at word j * kCols * pairs). Compiled
 // apart for MASKED (job.p > 0) and not, so that the unmasked expand carries none of the mask's
 // code (Zen 4, 4096 x 768 x 14, hot: 372-506 against 395-537 us in four interleaved runs, one even).
 template <bool MASKED>
