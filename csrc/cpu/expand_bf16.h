@@ -114,11 +114,11 @@ inline void run(at::Tensor& out, const at::Tensor& t, const at::Tensor& b, const
   TORCH_CHECK(applies(out, t, b), "msplora: the bf16 expand does not apply to out ", out.sizes(), ", T ", t.sizes(),
               ", B ", b.sizes());
 #ifdef MSPLORA_THIN_PRODUCT
-  const int64_t n = out.size(1), pairs = (b.size(0) + 1) / 2;
+  const int64_t n = out.size(1);
   // Packed into a buffer this thread keeps: a fresh one (917 KB at llama2-7b) would be faulted in
   // page by page once the heap is trimmed, as it is in a training step (gemms.h, make_cold).
   static thread_local std::vector<uint32_t> packed;
-  packed.resize(std::max<size_t>(packed.size(), pairs * ((n + kCols - 1) / kCols) * kCols));
+  packed.resize(std::max<size_t>(packed.size(), thin_product::column_tiles_words(b, kCols)));
   thin_product::pack_column_tiles(b, kCols, packed.data());
   const at::Tensor tc = t.contiguous();
   const auto* tv = reinterpret_cast<const uint16_t*>(tc.data_ptr());

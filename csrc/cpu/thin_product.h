@@ -125,9 +125,14 @@ inline at::Tensor packed_row_pairs(const at::Tensor& m, int64_t width) {
   return out;
 }
 
+// The words pack_column_tiles(m, tile, dst) writes: ceil(P / 2) * ceil(Q / tile) * tile.
+inline int64_t column_tiles_words(const at::Tensor& m, int64_t tile) {
+  return (m.size(0) + 1) / 2 * ((m.size(1) + tile - 1) / tile) * tile;
+}
+
 // The same pairs with the columns in tiles of `tile`, each tile stored whole (b's rows with the
 // columns in lanes, expand_bf16.h): word [j][q][c] is column j * tile + c of pair q, zero past P
-// and Q; ceil(P / 2) * ceil(Q / tile) * tile words at dst. A kernel that walks the columns a tile at
+// and Q; column_tiles_words(m, tile) words at dst. A kernel that walks the columns a tile at
 // a time reads one contiguous run per tile, not a line every 4Q bytes (the bf16 expand at
 // llama2-7b's R = 112: 1485-1517 -> 1334-1351 us hot, Zen 4).
 inline void pack_column_tiles(const at::Tensor& m, int64_t tile, uint32_t* dst) {
