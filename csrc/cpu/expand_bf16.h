@@ -116,7 +116,7 @@ inline void run(at::Tensor& out, const at::Tensor& t, const at::Tensor& b, const
 #ifdef MSPLORA_THIN_PRODUCT
   const int64_t n = out.size(1);
   // Packed into a buffer this thread keeps: a fresh one (917 KB at llama2-7b) would be faulted in
-  // page by page once the heap is trimmed, as it is in a training step (gemms.h, make_cold).
+  // page by page once the heap is trimmed, as it is in a training step (gemms.h, ColdCaches).
   static thread_local std::vector<uint32_t> packed;
   packed.resize(std::max<size_t>(packed.size(), thin_product::column_tiles_words(b, kCols)));
   thin_product::pack_column_tiles(b, kCols, packed.data());

@@ -19,8 +19,11 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
+#include <algorithm>
 #include <chrono>
+#include <fstream>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <sstream>
@@ -159,6 +162,27 @@ inline std::map<ChoiceKey, Choice>& choices() {
 // cached in a step, and their timings are too short for a cache sweep to be worth it.
 constexpr int64_t kColdTimingBytes = 1 << 20;
 
+// The size of the last-level cache the calling core shares, from the size of cpu0's highest cache
+// instance in sysfs. glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) can report the whole package's L3
+// instead: 320 MB for the 32 MB instance of a 2-core Zen 4 VM, which made the sweep below 256 MB.
+inline size_t last_level_cache_bytes() {
+  size_t bytes = 0;
+  for (int index = 0; index < 8; ++index) {
+    std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size");
+    size_t size = 0;
+    std::string unit;
+    if (!(file >> size)) break;
+    file >> unit;  // "32768K", read as 32768 and "K"
+    const size_t scale = unit == "K" ? size_t{1} << 10 : unit == "M" ? size_t{1} << 20 : 1;
+    bytes = std::max(bytes, size * scale);
+  }
+  if (bytes == 0) {
+    const long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    bytes = llc > 0 ? static_cast<size_t>(llc) : size_t{32} << 20;
+  }
+  return std::min(bytes, size_t{128} << 20);
+}
+
 // Puts the machine in the state a GEMM of a training step meets (bench/NOTES.md, #20):
 // - Caches cold: the frozen GEMMs in between stream the whole cache. Timed hot, the skinny
 //   products rank differently (AMD EPYC, bf16 roberta-base: dB = T^T dy 346 us on oneDNN against
@@ -169,17 +193,24 @@ constexpr int64_t kColdTimingBytes = 1 << 20;
 //   place pay nothing, and only this timing sees the difference (eleventh session: a frozen GEMM
 //   on oneDNN's sum post-op, a new output, measured faster than ATen's addmm_ in place warm, and
 //   cost 5 ms more per step).
-inline void make_cold() {
+// The sweep's buffer lives only while one choice is timed: kept for the process, it stayed in
+// the resident memory of every user of the op (256 MB on the Zen 4 VM above, sixteenth session).
+class ColdCaches {
+ public:
+  ColdCaches() : bytes_(2 * last_level_cache_bytes()), sweep_(new unsigned char[bytes_]()) {}
+  void make_cold() {
 #if defined(__GLIBC__)
-  malloc_trim(0);
+    malloc_trim(0);
 #endif
-  static std::vector<unsigned char> sweep = [] {
-    const long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    const size_t bytes = llc > 0 ? 2 * static_cast<size_t>(llc) : size_t{64} << 20;
-    return std::vector<unsigned char>(std::min(bytes, size_t{256} << 20), 1);
-  }();
-  for (size_t i = 0; i < sweep.size(); i += 64) sweep[i] += 1;  // one write a cache line
-}
+    // One write a cache line, volatile: the buffer is freed unread, so plain stores could be dropped.
+    volatile unsigned char* sweep = sweep_.get();
+    for (size_t i = 0; i < bytes_; i += 64) sweep[i] = sweep[i] + 1;
+  }
+
+ private:
+  size_t bytes_;
+  std::unique_ptr<unsigned char[]> sweep_;
+};
 
 // The candidate for this GEMM among candidates(): the one measured fastest (once per shape class),
 // or the only one.
@@ -200,6 +231,8 @@ Candidate choose_from(const char* gemm, at::ScalarType dtype, int64_t m, int64_t
     // candidate alike; each keeps its fastest call, made with cold caches where the operands are big.
     const int64_t bytes = (m * k + k * n + m * n) * static_cast<int64_t>(c10::elementSize(dtype));
     const bool cold = bytes >= kColdTimingBytes;
+    std::optional<ColdCaches> caches;
+    if (cold) caches.emplace();
     constexpr int kRounds = 5;
     std::vector<double> fastest(candidates.size(), -1.0);
     std::vector<bool> runs(candidates.size(), true);
@@ -213,7 +246,7 @@ Candidate choose_from(const char* gemm, at::ScalarType dtype, int64_t m, int64_t
     for (int round = 0; round < kRounds; ++round) {
       for (size_t i = 0; i < candidates.size(); ++i) {
         if (!runs[i]) continue;
-        if (cold) make_cold();
+        if (cold) caches->make_cold();
         const auto start = std::chrono::steady_clock::now();
         run(candidates[i]);
         const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
