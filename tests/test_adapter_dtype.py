@@ -81,3 +81,25 @@ def test_save_load_and_merge_keep_float32_factors(tmp_path):
     assert {p.dtype for p in mk.merge_and_unload(loaded).parameters()} == {torch.bfloat16}
     # Merging rounds W + delta to bf16 once; the adapted forward rounds at other places.
     torch.testing.assert_close(merged, adapted, rtol=1e-2, atol=1e-2)
+
+
+def test_joined_factors_are_each_level_scaled_by_its_float_then_cast_once():
+    # The Function joins the levels with a row of scales in place where every scale is as exact in
+    # the factors' dtype as in its op-math type, and level by level otherwise; either way the values
+    # must be each level times its Python float, cast to x's dtype once.
+    import random
+
+    from msplora_kernels.ops.autograd import _joined
+
+    rng = random.Random(3)
+    scale_sets = [(2.0, 4.0, 8.0), (16 / 3, 1.7, 0.1), (16 / 8**0.5, 8.0, 16 / 2**0.5),
+                  tuple(rng.uniform(0.01, 40.0) for _ in range(3))]
+    for factor_dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for scales in scale_sets:
+            As = [torch.randn(48, r, dtype=factor_dtype) * 3 for r in (8, 4, 2)]
+            Bs = [torch.randn(r, 40, dtype=factor_dtype) for r in (8, 4, 2)]
+            for x_dtype in {factor_dtype, torch.bfloat16, torch.float32}:
+                a, b = _joined(As, Bs, scales, x_dtype)
+                expected = torch.cat([a_i * s for a_i, s in zip(As, scales)], dim=1).to(x_dtype)
+                assert torch.equal(a, expected), (factor_dtype, scales, x_dtype)
+                assert torch.equal(b, torch.cat(Bs).to(x_dtype))

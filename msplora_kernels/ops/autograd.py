@@ -38,11 +38,42 @@ def _as(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
+_SCALE_ROWS: dict = {}
+
+
+def _scale_row(scales, ranks, dtype, device):
+    """Each level's scale repeated over its rank, as a (1, R) row of `dtype`; None where a scale
+    rounds differently in `dtype` than in its op-math type, which a Python float scale is cast to
+    (fp32 for bf16 and fp16): the product with the row would then differ."""
+    key = (tuple(scales), tuple(ranks), dtype, device)
+    if key not in _SCALE_ROWS:
+        with torch.inference_mode(False):  # a row made in inference mode would be barred from training calls
+            _SCALE_ROWS[key] = _new_scale_row(scales, ranks, dtype, device)
+    return _SCALE_ROWS[key]
+
+
+def _new_scale_row(scales, ranks, dtype, device):
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    row = torch.tensor([s for s, r in zip(scales, ranks) for _ in range(r)], dtype=opmath)
+    exact = bool((row.to(dtype).to(opmath) == row).all())
+    return row.to(device=device, dtype=dtype).unsqueeze(0) if exact else None
+
+
 def _joined(As, Bs, scales, dtype):
     # Each level scaled by its Python float (computed in the factor's op-math type, fp32 for
-    # bf16, and rounded once), joined, then cast once. A bf16 tensor times an fp32 scale row in
-    # place ran as three kernels (a cast each way).
-    return _as(torch.cat(torch._foreach_mul(list(As), list(scales)), dim=1), dtype), _as(torch.cat(Bs, dim=0), dtype)
+    # bf16, and rounded once), joined, then cast once. Where every scale is as exact in the
+    # factors' one dtype (any in fp32; the paper's 16/8, 16/4, 16/2 in bf16), a row of them in
+    # place after the join gives the same values in two ops instead of four: at small layers each
+    # op costs more than its data (#20). The row is in the factors' dtype: a bf16 tensor times an
+    # fp32 row ran as three kernels (a cast each way).
+    row = None
+    if not torch.compiler.is_compiling() and len({a_i.dtype for a_i in As}) == 1:
+        row = _scale_row(scales, [a_i.shape[1] for a_i in As], As[0].dtype, As[0].device)
+    if row is not None:
+        a = torch.cat(list(As), dim=1).mul_(row)
+    else:
+        a = torch.cat(torch._foreach_mul(list(As), list(scales)), dim=1)
+    return _as(a, dtype), _as(torch.cat(Bs, dim=0), dtype)
 
 
 def _split(grad, ranks, dim, dtypes):
