@@ -105,8 +105,11 @@ def progress_bar(total: int, desc: str):
 
 
 def _calls(layer, pool):
-    """The forward and forward+backward of one layer, cycling through the shared input pool."""
+    """The forward and forward+backward of one layer, cycling through the shared input pool. The
+    gradients start from None each call, as after a training step's zero_grad(set_to_none=True):
+    left to accumulate, every method paid an add per trained tensor that training does not."""
     step = iter(range(10**12))
+    trained = [p for p in layer.parameters() if p.requires_grad]
 
     def fwd():
         x, _ = pool[next(step) % len(pool)]
@@ -115,6 +118,8 @@ def _calls(layer, pool):
     def fwd_bwd():
         x, dy = pool[next(step) % len(pool)]
         x.grad = None
+        for p in trained:
+            p.grad = None
         layer(x).backward(dy)
 
     return fwd, fwd_bwd
