@@ -165,7 +165,7 @@ constexpr int64_t kColdTimingBytes = 1 << 20;
 // The size of the last-level cache the calling core shares, from the size of cpu0's highest cache
 // instance in sysfs. glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) can report the whole package's L3
 // instead: 320 MB for the 32 MB instance of a 2-core Zen 4 VM, which made the sweep below 256 MB.
-inline size_t last_level_cache_bytes() {
+inline size_t read_last_level_cache_bytes() {
   size_t bytes = 0;
   for (int index = 0; index < 8; ++index) {
     std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size");
@@ -181,6 +181,12 @@ inline size_t last_level_cache_bytes() {
     bytes = llc > 0 ? static_cast<size_t>(llc) : size_t{32} << 20;
   }
   return std::min(bytes, size_t{128} << 20);
+}
+
+// Read once: it is the same for the process, and every cold choice asks.
+inline size_t last_level_cache_bytes() {
+  static const size_t bytes = read_last_level_cache_bytes();
+  return bytes;
 }
 
 // Puts the machine in the state a GEMM of a training step meets (bench/NOTES.md, #20):
@@ -324,10 +330,10 @@ inline at::Tensor product_with(const Candidate& c, const at::Tensor& a, const at
 // ATen's copy (Zen 4).
 inline at::Tensor product(const char* gemm, const at::Tensor& a, const at::Tensor& b, bool transposable = true) {
   if (a.numel() == 0 || b.numel() == 0) return at::mm(a, b);
-  const Candidate c = choose(gemm, a.scalar_type(), a.size(0), a.size(1), b.size(1), transposable,
-                             [&](const Candidate& cand) { transpose::row_major(product_with(cand, a, b)); }, /*fusable=*/false,
-                             thin_product::form(a, b) != thin_product::Form::kNone);
-  return transpose::row_major(product_with(c, a, b));
+  auto row_major_product = [&](const Candidate& cand) { return transpose::row_major(product_with(cand, a, b)); };
+  const Candidate c = choose(gemm, a.scalar_type(), a.size(0), a.size(1), b.size(1), transposable, row_major_product,
+                             /*fusable=*/false, thin_product::form(a, b) != thin_product::Form::kNone);
+  return row_major_product(c);
 }
 
 // x w^T + bias, the frozen GEMM, into a new row-major output as nn.Linear computes it: on ATen
