@@ -21,6 +21,7 @@ here would run Python on every op call even with grad mode off.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -38,25 +39,16 @@ def _as(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
-_SCALE_ROWS: dict = {}
-
-
-def _scale_row(scales, ranks, dtype, device):
+@functools.cache
+def _scale_row(scales: tuple, ranks: tuple, dtype, device):
     """Each level's scale repeated over its rank, as a (1, R) row of `dtype`; None where a scale
     rounds differently in `dtype` than in its op-math type, which a Python float scale is cast to
     (fp32 for bf16 and fp16): the product with the row would then differ."""
-    key = (tuple(scales), tuple(ranks), dtype, device)
-    if key not in _SCALE_ROWS:
-        with torch.inference_mode(False):  # a row made in inference mode would be barred from training calls
-            _SCALE_ROWS[key] = _new_scale_row(scales, ranks, dtype, device)
-    return _SCALE_ROWS[key]
-
-
-def _new_scale_row(scales, ranks, dtype, device):
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
-    row = torch.tensor([s for s, r in zip(scales, ranks) for _ in range(r)], dtype=opmath)
-    exact = bool((row.to(dtype).to(opmath) == row).all())
-    return row.to(device=device, dtype=dtype).unsqueeze(0) if exact else None
+    with torch.inference_mode(False):  # a row made in inference mode would be barred from training calls
+        row = torch.tensor([s for s, r in zip(scales, ranks) for _ in range(r)], dtype=opmath)
+        exact = bool((row.to(dtype).to(opmath) == row).all())
+        return row.to(device=device, dtype=dtype).unsqueeze(0) if exact else None
 
 
 def _joined(As, Bs, scales, dtype):
@@ -68,7 +60,7 @@ def _joined(As, Bs, scales, dtype):
     # fp32 row ran as three kernels (a cast each way).
     row = None
     if not torch.compiler.is_compiling() and len({a_i.dtype for a_i in As}) == 1:
-        row = _scale_row(scales, [a_i.shape[1] for a_i in As], As[0].dtype, As[0].device)
+        row = _scale_row(tuple(scales), tuple(a_i.shape[1] for a_i in As), As[0].dtype, As[0].device)
     if row is not None:
         a = torch.cat(list(As), dim=1).mul_(row)
     else:
