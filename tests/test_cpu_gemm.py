@@ -1,6 +1,10 @@
 """The cpp backend's GEMMs on ATen or oneDNN, chosen by measurement (csrc/cpu/gemms.h): every path
 the choice can take, forced through the cpu_gemm setting, against the reference and its fake
 kernels, on any CPU; and the choices themselves, per GEMM and shape class."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -197,13 +201,10 @@ print(torch.ops.msplora.gemm_choices())
 """
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads Linux's /proc")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
 def test_timing_a_choice_cold_leaves_no_sweep_buffer_resident():
     # The sweep over twice the last-level cache once stayed allocated for the process: 256 MB of
     # resident memory on a VM whose sysconf reported the package's 320 MB L3.
-    import subprocess
-    import sys
-
     proc = subprocess.run([sys.executable, "-c", _COLD_CHOICE_RSS], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
