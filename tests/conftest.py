@@ -5,6 +5,10 @@ import torch
 # Nothing in the tests may download: models, tokenizers and data sets are built in code.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The cpp backend's GEMM choices are timed in each test process, not kept in the user's cache
+# folder: tests that time choices anew must not read an earlier run's (test_gemm_choice_store.py
+# tests the store, in folders of its own).
+os.environ.setdefault("MSPLORA_CPU_GEMM_STORE", "process")
 
 # Without a GPU, Triton kernels run on CPU tensors under the interpreter, which must
 # be on before triton decorates any kernel. With a GPU they compile for real.

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
@@ -36,6 +37,7 @@
 #include <vector>
 
 #include "../settings.h"
+#include "choice_store.h"
 #include "thin_product.h"
 #include "transpose.h"
 
@@ -218,8 +220,64 @@ class ColdCaches {
   std::unique_ptr<unsigned char[]> sweep_;
 };
 
-// The candidate for this GEMM among candidates(): the one measured fastest (once per shape class),
-// or the only one.
+// Times each candidate and returns the fastest, with what was measured (for gemm_choices()).
+template <typename Run>
+Choice timed_choice(const std::vector<Candidate>& candidates, at::ScalarType dtype, int64_t m, int64_t k, int64_t n,
+                    const Run& run) {
+  Candidate best = candidates.front();
+  std::ostringstream timings;
+  if (candidates.size() == 1) return Choice{best, "the only one allowed"};
+  // Rounds of one call each, interleaved, so that drift in the machine's speed falls on every
+  // candidate alike; each keeps its fastest call, made with cold caches where the operands are big.
+  const int64_t bytes = (m * k + k * n + m * n) * static_cast<int64_t>(c10::elementSize(dtype));
+  const bool cold = bytes >= kColdTimingBytes;
+  std::optional<ColdCaches> caches;
+  if (cold) caches.emplace();
+  constexpr int kRounds = 5;
+  std::vector<double> fastest(candidates.size(), -1.0);
+  std::vector<bool> runs(candidates.size(), true);
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    try {
+      run(candidates[i]);  // warm-up: first-call costs (oneDNN's primitive creation) are not the steady state
+    } catch (const std::exception&) {
+      runs[i] = false;  // not for this CPU or dtype
+    }
+  }
+  for (int round = 0; round < kRounds; ++round) {
+    for (size_t i = 0; i < candidates.size(); ++i) {
+      if (!runs[i]) continue;
+      if (cold) caches->make_cold();
+      const auto start = std::chrono::steady_clock::now();
+      run(candidates[i]);
+      const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+      fastest[i] = fastest[i] < 0 ? us : std::min(fastest[i], us);
+    }
+  }
+  double best_us = -1.0;
+  timings << (cold ? "cold: " : "hot: ");
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    timings << (i > 0 ? ", " : "") << candidates[i].name();
+    if (!runs[i]) {
+      timings << " failed";
+      continue;
+    }
+    timings << " " << static_cast<int64_t>(fastest[i]) << " us";
+    if (best_us < 0 || fastest[i] < best_us) best_us = fastest[i], best = candidates[i];
+  }
+  return Choice{best, timings.str()};
+}
+
+// The candidate of `candidates` that a stored row names; none where this process may not take
+// it (another cpu_gemm setting is in the key, but a build without one of our kernels is not).
+inline std::optional<Candidate> candidate_named(const std::string& name, const std::vector<Candidate>& candidates) {
+  for (const Candidate& c : candidates) {
+    if (name == c.name()) return c;
+  }
+  return std::nullopt;
+}
+
+// The candidate for this GEMM among candidates(): the one this machine picked before (the choice
+// store, choice_store.h), else the one measured fastest now, once per shape class; or the only one.
 template <typename Candidates, typename Run>
 Candidate choose_from(const char* gemm, at::ScalarType dtype, int64_t m, int64_t k, int64_t n,
                       const Candidates& make_candidates, const Run& run) {
@@ -230,52 +288,22 @@ Candidate choose_from(const char* gemm, at::ScalarType dtype, int64_t m, int64_t
     if (it != choices().end()) return it->second.candidate;
   }
   const std::vector<Candidate> candidates = make_candidates();
-  Candidate best = candidates.front();
-  std::ostringstream timings;
-  if (candidates.size() > 1) {
-    // Rounds of one call each, interleaved, so that drift in the machine's speed falls on every
-    // candidate alike; each keeps its fastest call, made with cold caches where the operands are big.
-    const int64_t bytes = (m * k + k * n + m * n) * static_cast<int64_t>(c10::elementSize(dtype));
-    const bool cold = bytes >= kColdTimingBytes;
-    std::optional<ColdCaches> caches;
-    if (cold) caches.emplace();
-    constexpr int kRounds = 5;
-    std::vector<double> fastest(candidates.size(), -1.0);
-    std::vector<bool> runs(candidates.size(), true);
-    for (size_t i = 0; i < candidates.size(); ++i) {
-      try {
-        run(candidates[i]);  // warm-up: first-call costs (oneDNN's primitive creation) are not the steady state
-      } catch (const std::exception&) {
-        runs[i] = false;  // not for this CPU or dtype
-      }
-    }
-    for (int round = 0; round < kRounds; ++round) {
-      for (size_t i = 0; i < candidates.size(); ++i) {
-        if (!runs[i]) continue;
-        if (cold) caches->make_cold();
-        const auto start = std::chrono::steady_clock::now();
-        run(candidates[i]);
-        const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
-        fastest[i] = fastest[i] < 0 ? us : std::min(fastest[i], us);
-      }
-    }
-    double best_us = -1.0;
-    timings << (cold ? "cold: " : "hot: ");
-    for (size_t i = 0; i < candidates.size(); ++i) {
-      timings << (i > 0 ? ", " : "") << candidates[i].name();
-      if (!runs[i]) {
-        timings << " failed";
-        continue;
-      }
-      timings << " " << static_cast<int64_t>(fastest[i]) << " us";
-      if (best_us < 0 || fastest[i] < best_us) best_us = fastest[i], best = candidates[i];
-    }
+  // Held from the look-up to the append: a process that misses while another times waits for its pick.
+  const choice_store::LockedFile file(candidates.size() > 1 ? choice_store::path() : std::string());
+  const std::string row = choice_store::row_key(gemm, c10::toString(dtype), key.mode, at::get_num_threads(), key.m,
+                                                key.k, key.n);
+  const std::optional<choice_store::Stored> stored = file.find(row);
+  const std::optional<Candidate> picked = stored ? candidate_named(stored->candidate, candidates) : std::nullopt;
+  Choice choice;
+  if (picked) {
+    choice = Choice{*picked, "stored: " + stored->timings};
   } else {
-    timings << "the only one allowed";
+    choice = timed_choice(candidates, dtype, m, k, n, run);
+    if (candidates.size() > 1) file.append(row, choice.candidate.name(), choice.timings);
   }
   std::lock_guard<std::mutex> lock(choices_mutex());
-  choices().emplace(key, Choice{best, timings.str()});
-  return best;
+  choices().emplace(key, choice);
+  return choice.candidate;
 }
 
 // The candidate for this GEMM: the one measured fastest (once per shape class), or the only one allowed.

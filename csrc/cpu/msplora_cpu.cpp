@@ -207,10 +207,14 @@ at::Tensor dropout_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
 
 }  // namespace
 
-// What gemms.h has chosen so far, one line per GEMM and shape class, and a way to choose anew.
+// What gemms.h has chosen so far, one line per GEMM and shape class, and a way to choose anew
+// (in this process: the choice store keeps what it holds); the store's file, set from Python
+// (the cpu_gemm_store setting), "" for none.
 TORCH_LIBRARY_FRAGMENT(msplora, m) {
   m.def("gemm_choices() -> str", &gemm_choices);
   m.def("forget_gemm_choices() -> ()", &forget_gemm_choices);
+  m.def("set_gemm_choice_file(str path) -> ()", [](std::string path) { choice_store::set_path(path); });
+  m.def("gemm_choice_file() -> str", []() { return choice_store::path(); });
 }
 
 TORCH_LIBRARY_IMPL(msplora, CPU, m) {

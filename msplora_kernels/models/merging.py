@@ -71,6 +71,8 @@ def _unload(model: nn.Module, merge: bool, who: str, safe_merge: bool = False) -
     if safe_merge:
         _check_merge_finite(model, who)
     factors = getattr(model, FACTORS_ATTR)
+    if not merge:
+        _swap_saved_modules(model)  # the original modules back in place of the trained copies
     for path, layer in adapted_layers(model):
         if merge:
             layer.merge()
@@ -95,7 +97,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove MSPLoRA without merging: the base layers as they were, requires_grad flags included.
-    Modules in modules_to_save keep their trained weights, as PEFT's unload keeps them; for the
-    original ones, use disable_adapters."""
+    """Remove MSPLoRA without merging: the base model as it was, requires_grad flags included.
+    Modules in modules_to_save are the originals again, as PEFT's unload gives them (since PEFT
+    0.22; earlier releases kept the trained copies): merge_and_unload keeps the trained ones."""
     return _unload(model, merge=False, who="unload")

@@ -134,6 +134,11 @@ def cuda_skinny_library() -> str:
         settings.get("cuda_skinny")]
 
 
+def _choices_kept_where() -> str:
+    path = native.gemm_choice_file() if native.loaded() else None
+    return f"the timed choices kept for this machine in {path}" if path else "the timed choices kept in this process only"
+
+
 BACKENDS = {
     b.name: b
     for b in (
@@ -142,7 +147,7 @@ BACKENDS = {
         Backend("cpp", "the compiled CPU op (csrc/cpu)", ("cpu",), None, _native_ops, _native_why_not("CPU", "cpu"),
                 keeps_dropped_input=True, keeps_mask_bits=True,
                 gemm_library=lambda: f"ATen, oneDNN or our kernels per GEMM and shape class (cpu_gemm={settings.get('cpu_gemm')}); "
-                                     f"{len(native.gemm_choices())} chosen so far"),
+                                     f"{len(native.gemm_choices())} chosen so far; {_choices_kept_where()}"),
         Backend("cuda", "the compiled CUDA op (csrc/cuda)", ("cuda",), _GPU_DTYPES, _native_ops,
                 _native_why_not("CUDA", "cuda"),
                 gemm_library=lambda: f"frozen GEMMs on cuBLAS, rank-R products: {cuda_skinny_library()}"),

@@ -37,14 +37,19 @@ def _cuda_wanted() -> bool:
     return _build.wants_cuda(torch.version.cuda, CUDA_HOME)
 
 
-def build_dir(sources: list[str], cuda: bool) -> Path:
+def sources_digest(sources: list[str]) -> str:
+    """12 hex digits of the sources and every header: a build of other code gets another."""
     digest = hashlib.sha256()
     for path in sources:
         digest.update(Path(path).read_bytes())
     for header in sorted(Path(_build.csrc_dir()).rglob("*.h")):
         digest.update(header.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def build_dir(sources: list[str], cuda: bool) -> Path:
     flavour = f"cu{torch.version.cuda}" if cuda else "cpu"
-    return cache_root() / f"{__version__}-torch{torch.__version__}-{flavour}-{digest.hexdigest()[:12]}"
+    return cache_root() / f"{__version__}-torch{torch.__version__}-{flavour}-{sources_digest(sources)}"
 
 
 def _with_elapsed_line(label: str, fn):

@@ -9,12 +9,17 @@ torch.compile), their per-op derivatives, and the settings they follow.
 """
 from __future__ import annotations
 
+import functools
+import re
 import warnings
+from pathlib import Path
+from typing import Optional
 
 import torch
 
 from .. import _build
-from . import contract, derivatives, first_use_build, settings
+from .._version import __version__
+from . import contract, cpu_info, derivatives, first_use_build, settings
 
 FIX = ("pip install --no-build-isolation --force-reinstall msplora-kernels (with torch, a C++ compiler and ninja "
        "installed), or from a source tree: pip install --no-build-isolation -e .")
@@ -81,10 +86,39 @@ def op_table():
     return getattr(torch.ops, NAMESPACE)
 
 
+def gemm_choice_file() -> Optional[Path]:
+    """The file that keeps the cpp backend's timed GEMM choices for every process on this machine
+    (the cpu_gemm_store setting at "disk"), or None (at "process", or where the folder cannot be
+    made): one per CPU model and instruction sets, torch version and package version."""
+    path = op_table().gemm_choice_file() if has_kernel("CPU") else ""
+    return Path(path) if path else None
+
+
+@functools.lru_cache(maxsize=None)
+def _choice_file_for_this_machine() -> str:
+    # Keyed by what changes which candidate is fastest: the CPU, torch's libraries and our kernels
+    # (the sources' digest: a development build of the same version may time differently).
+    info = cpu_info.cpu_info()
+    try:
+        kernels = first_use_build.sources_digest(_build.sources(_build.csrc_dir(), cuda=False))
+    except FileNotFoundError:
+        kernels = "nosource"
+    name = "-".join([cpu_info.cpu_label(info), *info["isa"], f"torch{torch.__version__}", f"msplora{__version__}",
+                     kernels])
+    folder = first_use_build.cache_root() / "gemm-choices"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return ""  # timed in each process, as at cpu_gemm_store="process"
+    return str(folder / (re.sub(r"[^A-Za-z0-9.+_-]+", "_", name) + ".tsv"))
+
+
 def _push_settings(values: dict) -> None:
     ops = op_table()
     ops.set_setting("cpu_gemm", values["cpu_gemm"])
     ops.set_setting("cuda_skinny", values["cuda_skinny"])
+    if has_kernel("CPU"):
+        ops.set_gemm_choice_file(_choice_file_for_this_machine() if values["cpu_gemm_store"] == "disk" else "")
 
 
 def provided() -> list[str]:

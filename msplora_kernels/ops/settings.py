@@ -13,6 +13,11 @@ resolved to.
                                              that write an (M, N) tensor with the mask and bias, and
                                              in bf16 at a total rank up to 16 the shrink and dT with
                                              dB in one pass; ATen elsewhere)
+    cpu_gemm_store  $MSPLORA_CPU_GEMM_STORE  where the cpp backend keeps the GEMM choices it times: disk (a
+                                             file per CPU model, torch and package version, under
+                                             the cache folder: every process on this machine picks
+                                             alike, so runs give the same bits) or process (timed
+                                             anew in each process)
     cuda_skinny     $MSPLORA_CUDA_SKINNY     the cuda backend's rank-R products: auto, kernels or cublas
     triton_forward  $MSPLORA_TRITON_FORWARD  the triton backend's forward: split (two kernels) or onepass
     triton_gemm     $MSPLORA_TRITON_GEMM     the triton backend's frozen GEMMs: auto (both paths timed once
@@ -29,6 +34,7 @@ CHOICES = {
     "backend": (None, "torch", "cpp", "cuda", "triton"),
     "cpu_gemm": ("auto", "aten", "onednn", "aten:plain", "aten:transposed", "onednn:plain", "onednn:transposed",
                  "fused"),
+    "cpu_gemm_store": ("disk", "process"),
     "cuda_skinny": ("auto", "kernels", "cublas"),
     "triton_forward": ("split", "onepass"),
     "triton_gemm": ("auto", "fused", "cublas"),
