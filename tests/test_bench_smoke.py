@@ -19,6 +19,9 @@ def run_bench(tmp_path, *extra):
            "--json", str(out_json), "--plot", str(out_png), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Readable in a log: progress as plain lines, and no third-party line about what it never ran.
+    assert "\r" not in proc.stderr and "runs, " in proc.stderr, proc.stderr[-2000:]
+    assert "gemm_4bit_forward" not in proc.stderr, proc.stderr[-2000:]
     return proc.stdout, json.loads(out_json.read_text()), out_png
 
 

@@ -60,7 +60,8 @@ def test_auto_measures_each_gemm_once_per_shape_class_and_says_what_it_chose():
     lines = _choices_for(step)
     gemms = [line.split(" Float ")[0] for line in lines]
     assert sorted(gemms) == sorted(["shrink: x A", "expand: T B", "frozen: x W^T", "grad: dT = dy B^T",
-                                    "grad: dB = T^T dy", "grad: dT A^T", "frozen: dy W", "grad: dA = x^T dT"])
+                                    "grad: dB = T^T dy", "grad: mask * (dT A^T)", "frozen: dy W",
+                                    "grad: dA = x^T dT"])
     # Every candidate was timed, and the fastest kept; a second step measures nothing new.
     for line in lines:
         assert " us" in line and "->" in line
@@ -71,6 +72,19 @@ def test_auto_measures_each_gemm_once_per_shape_class_and_says_what_it_chose():
     assert len(gemm_choices()) == len(lines)
     _layer_step(tokens=1000)()
     assert len(gemm_choices()) == 2 * len(lines)
+
+
+def test_the_masked_and_unmasked_dx_terms_are_chosen_apart():
+    # Without a mask a library adds dT A^T straight into dx; with one it needs a temporary and a
+    # pass more: one choice for both kept the masked pick where the unmasked term ran twice as slow.
+    torch.ops.msplora.forget_gemm_choices()
+    x = torch.randn(256, 512, requires_grad=True)
+    for p in (0.1, 0.0):
+        layer = mk.MSPLoraLinear(512, 384, ranks=(8, 4, 2), dropout=p, backend="cpp").train()
+        layer(x).sum().backward()
+    lines = gemm_choices()
+    assert sum(line.startswith("grad: mask * (dT A^T) ") for line in lines) == 1, lines
+    assert sum(line.startswith("grad: dT A^T ") for line in lines) == 1, lines
 
 
 def test_big_gemms_are_timed_cold_and_small_ones_hot():
@@ -91,7 +105,7 @@ def test_a_setting_restricts_the_candidates(mode, names):
     chosen = {line.split(" -> ")[1].split(" ")[0] for line in lines}
     if names is None:  # transposed where the GEMM can take it, plain where its output must stay row-major
         assert chosen == {"aten:transposed", "aten:plain"}
-        assert all(line.split(" -> ")[1].startswith("aten:plain") for line in lines if line.startswith(("frozen", "expand", "grad: dT A^T")))
+        assert all(line.split(" -> ")[1].startswith("aten:plain") for line in lines if line.startswith(("frozen", "expand", "grad: mask * (dT A^T)")))
     else:
         assert chosen <= names
 
@@ -115,7 +129,7 @@ def test_fused_runs_our_kernels_where_they_apply_and_auto_times_them():
     # kernel as a candidate, and in bf16 on CPUs with AVX512-BF16 the thin products ours too (the
     # shrink, dT with dB in one pass, dA: test_thin_product.py); the frozen GEMMs fall back to
     # ATen under cpu_gemm=fused.
-    full_width = ("expand: T B", "grad: dT A^T")
+    full_width = ("expand: T B", "grad: dT A^T", "grad: mask * (dT A^T)")
     thin = ("shrink: x A", "grad: dT and dB in one pass over dy", "grad: dA = x^T dT")
     for dtype in (torch.float32, torch.bfloat16):
         with settings.overridden(cpu_gemm="fused"):
