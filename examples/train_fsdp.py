@@ -1,4 +1,5 @@
-"""MSPLoRA under DDP or FSDP2, with a full-state checkpoint that resumes bit-identically.
+"""MSPLoRA under DDP, FSDP2 or DeepSpeed ZeRO-3, with a full-state checkpoint (DDP, FSDP2) that
+resumes bit-identically.
 
 The pattern: apply MSPLoRA first (the shared factors live once, at model.msplora_factors, the
 root), then shard each decoder block and the root; build the optimizer after sharding.
@@ -7,6 +8,10 @@ root), then shard each decoder block and the root; build the optimizer after sha
     torchrun --nproc_per_node 2 examples/train_fsdp.py --mode fsdp --steps 6 --ckpt-at 3 --ckpt ckpt.pt
     torchrun --nproc_per_node 2 examples/train_fsdp.py --mode fsdp --steps 6 --resume ckpt.pt --out resumed.safetensors
     python examples/train_fsdp.py --mode single --steps 6 --out single.safetensors   # one process, same global batch
+    torchrun --nproc_per_node 2 examples/train_fsdp.py --mode zero3 --steps 6 --adapter-dir adapter
+
+Under ZeRO-3 (`pip install deepspeed`; every parameter split across the ranks, however small)
+mk.save_adapter is called on every rank: it gathers each factor in turn and rank 0 writes.
 
 Runs on CPUs with gloo (as in the tests) and on GPUs with NCCL. The model is a tiny LLaMA built
 from a config, so nothing is downloaded.
@@ -24,7 +29,7 @@ import msplora_kernels as mk
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["single", "ddp", "fsdp"], required=True)
+    p.add_argument("--mode", choices=["single", "ddp", "fsdp", "zero3"], required=True)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=16)
@@ -33,7 +38,10 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="checkpoint file to resume from")
     p.add_argument("--out", default=None, help="write the final adapter tensors (safetensors) here")
     p.add_argument("--adapter-dir", default=None, help="also save the final adapter here with mk.save_adapter")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.mode == "zero3" and (args.ckpt_at is not None or args.resume):
+        p.error("--ckpt-at and --resume are for ddp and fsdp; under zero3 use DeepSpeed's save_checkpoint")
+    return args
 
 
 def build_model(device):
@@ -49,6 +57,29 @@ def build_model(device):
             if name.endswith(".B"):
                 p.normal_(std=0.02)
     return model
+
+
+def zero3_engine(model, opt, micro_batch):
+    """DeepSpeed ZeRO-3 over the model, with every parameter partitioned (a persistence threshold
+    of 0: real models are split anyway) and no gradient clipping, as the single process trains."""
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    return engine, opt
+
+
+def zero3_adapter_tensors(engine, names):
+    """The adapter's parameters gathered as DeepSpeed gathers them: what a whole save must hold."""
+    import deepspeed
+
+    params = dict(engine.module.named_parameters())
+    out = {}
+    for name in names:
+        with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=None):
+            out[name] = params[name].detach().to("cpu", copy=True)
+    return out
 
 
 def global_batch(step, args, device):
@@ -86,6 +117,8 @@ def main(argv=None):
         fully_shard(model, mesh=mesh)  # the root: embeddings, head and the shared MSPLoRA factors
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    if args.mode == "zero3":
+        model, opt = zero3_engine(model, opt, args.global_batch // world)
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     start = 0
@@ -103,9 +136,13 @@ def main(argv=None):
     for step in range(start, args.steps):
         ids = global_batch(step, args, device)[rank * per_rank:(rank + 1) * per_rank]
         loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if args.mode == "zero3":
+            model.backward(loss)
+            model.step()
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if rank == 0:
             print(f"step {step + 1}: loss {loss.item():.4f}", flush=True)
         if args.ckpt_at is not None and step + 1 == args.ckpt_at:
@@ -115,13 +152,15 @@ def main(argv=None):
                 torch.save(state, args.ckpt)
 
     if args.out:
-        state = get_model_state_dict(model, options=full)
+        state = zero3_adapter_tensors(model, adapter_names) if args.mode == "zero3" else \
+            get_model_state_dict(model, options=full)
         if rank == 0:
             from safetensors.torch import save_file
 
             save_file({k: state[k].contiguous() for k in adapter_names}, args.out)
     if args.adapter_dir:
-        mk.save_adapter(model, args.adapter_dir)  # on every rank: FSDP2 gathers the shards, rank 0 writes
+        # On every rank: FSDP2's shards and ZeRO-3's partitions are gathered by all, rank 0 writes.
+        mk.save_adapter(model.module if args.mode == "zero3" else model, args.adapter_dir)
     if distributed:
         # Let every rank finish (rank 0 writes files) before tearing gloo down; an unsynchronized
         # teardown can abort a rank with "terminate called without an active exception".

@@ -7,7 +7,7 @@ msplora_kernels.triton_kernels).
 """
 from ._extras import MissingExtraError
 from ._version import __version__
-from .errors import AdapterMismatchError, DtypeMismatchError
+from .errors import AdapterMismatchError, DtypeMismatchError, IncompleteAdapterError
 from .models.adapter_io import adapter_state_dict, load_adapter, load_msplora, save_adapter
 from .models.config import MSPLoraConfig
 from .models.counts import print_trainable_parameters, summary
@@ -39,6 +39,7 @@ def __getattr__(name):
 
 __all__ = [
     "AdapterMismatchError",
+    "IncompleteAdapterError",
     "DtypeMismatchError",
     "LoraLevel",
     "MSPLoraConfig",

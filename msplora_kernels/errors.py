@@ -11,3 +11,8 @@ class DtypeMismatchError(TypeError, RuntimeError):
 
 class AdapterMismatchError(ValueError):
     """An adapter file does not fit the model (keys, shapes or config)."""
+
+
+class IncompleteAdapterError(RuntimeError):
+    """An adapter tensor to be written is not whole: sharded or offloaded by an engine that was not
+    gathered. The writer refuses and writes nothing."""

@@ -1,8 +1,11 @@
-"""DDP and FSDP2 on the CPU (gloo, 2 local processes on loopback), through examples/train_fsdp.py.
+"""DDP, FSDP2 and DeepSpeed ZeRO-3 on the CPU (gloo, 2 local processes on loopback), through
+examples/train_fsdp.py.
 
-Several training steps must give the same adapter as one process on the same global batch, and
-an FSDP2 checkpoint must resume bit-identically.
+Several training steps must give the same adapter as one process on the same global batch, the
+adapter saved with mk.save_adapter must hold every tensor whole, and an FSDP2 checkpoint must
+resume bit-identically.
 """
+import importlib.util
 import os
 import socket
 import subprocess
@@ -84,3 +87,19 @@ def test_fsdp2_checkpoint_resumes_bit_identically(tmp_path):
     assert straight.keys() == resumed.keys()
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (in the test extras)")
+def test_zero3_saves_the_whole_adapter_and_trains_as_one_process(tmp_path, single):
+    # Every parameter partitioned (persistence threshold 0): mk.save_adapter once wrote each
+    # factor as an empty tensor here, silently. It must write what DeepSpeed's own gather gives.
+    single, init = single
+    _run(tmp_path, "zero3", "--out", "gathered.st", "--adapter-dir", "adapter")
+    gathered = _load(tmp_path / "gathered.st")
+    saved = _load(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == gathered.keys() == single.keys()
+    for k in saved:
+        assert saved[k].numel() > 0 and torch.equal(saved[k], gathered[k]), k
+    for k in single:  # fp32, no gradient clipping on either side
+        torch.testing.assert_close(gathered[k], single[k], rtol=1e-4, atol=2e-5, msg=k)
+    assert all((single[k] - init[k]).abs().max() > 1e-3 for k in single)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, MSPLoraConfig
+from .full_tensors import expected_shapes, whole_copies
 from .hub import adapter_folder
 from ..errors import AdapterMismatchError
 from .inject import apply_msplora, require_adapter, saved_modules
@@ -36,17 +37,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _full_tensor(t: torch.Tensor) -> torch.Tensor:
-    # FSDP2 shards parameters as DTensors; full_tensor() gathers the shards (a collective).
-    gather = getattr(t, "full_tensor", None)
-    return gather() if callable(gather) else t
-
-
 def save_adapter(model: nn.Module, directory) -> None:
     """Write adapter_config.json and adapter_model.safetensors to `directory`.
 
-    In a distributed run only rank 0 writes. Under FSDP2 call it on every rank: the sharded
-    factors are gathered first, and every rank must take part. A DDP-wrapped model is unwrapped."""
+    In a distributed run only rank 0 writes. Under DeepSpeed ZeRO-3 or FSDP2 call it on every
+    rank: each sharded tensor is gathered in turn, and every rank must take part. A tensor that is
+    still not whole (an engine it cannot gather) makes it refuse and write nothing. A DDP-wrapped
+    model is unwrapped."""
     from safetensors.torch import save_file
 
     if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -57,13 +54,13 @@ def save_adapter(model: nn.Module, directory) -> None:
     if meta:
         raise ValueError(f"save_adapter: {len(meta)} adapter tensors are on the meta device (e.g. {meta[0]}); "
                          "materialize the model first")
-    tensors = {k: _full_tensor(t.detach()) for k, t in tensors.items()}
+    tensors = whole_copies(tensors, expected_shapes(model, tensors), "save_adapter")
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(directory)
-    save_file({k: t.contiguous().cpu() for k, t in tensors.items()}, str(directory / WEIGHTS_NAME),
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(directory / WEIGHTS_NAME),
               metadata={"format": "pt", "adapter_type": "MSPLORA"})
 
 

@@ -5,7 +5,21 @@ import contextlib
 
 from torch import nn
 
+from .full_tensors import is_sharded
 from .inject import FACTORS_ATTR, adapted_layers, require_adapter
+
+
+def _refuse_sharded(model: nn.Module, who: str) -> None:
+    # A merge writes into the base weights: under ZeRO-3 or FSDP2 a rank holds a partition of each
+    # (or nothing), and what it would write is not the merged weight.
+    sharded = [path for path, layer in adapted_layers(model)
+               if any(is_sharded(p) for p in (layer.weight, *[t for lvl in layer.levels for t in (lvl.A, lvl.B)]))]
+    if sharded:
+        raise ValueError(f"{who}: {len(sharded)} adapted layer(s) have sharded parameters (DeepSpeed ZeRO-3 or FSDP2), "
+                         f"e.g. {sharded[0]}; a merge there would write into one rank's partition. Save the adapter "
+                         "(save_adapter, on every rank) and merge it into a whole model: "
+                         "mk.merge_and_unload(mk.load_msplora(base_model, path))")
+
 
 def _check_merge_finite(model: nn.Module, who: str) -> None:
     # Every layer first, so that a refused merge has merged nothing.
@@ -19,6 +33,7 @@ def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
     """Fold every adapter into its base weight in place (inference at nn.Linear speed).
     safe_merge, as in PEFT: check every merged weight is finite first, and merge nothing if not."""
     require_adapter(model, "merge_adapter")
+    _refuse_sharded(model, "merge_adapter")
     if safe_merge:
         _check_merge_finite(model, "merge_adapter")
     for _, layer in adapted_layers(model):
@@ -68,6 +83,8 @@ def disable_adapters(model: nn.Module):
 
 def _unload(model: nn.Module, merge: bool, who: str, safe_merge: bool = False) -> nn.Module:
     require_adapter(model, who)
+    if merge:
+        _refuse_sharded(model, who)
     if safe_merge:
         _check_merge_finite(model, who)
     factors = getattr(model, FACTORS_ATTR)

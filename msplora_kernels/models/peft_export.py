@@ -15,20 +15,29 @@ from torch import nn
 from .._extras import require
 from ..ops.reference import lora_factors
 from .config import WEIGHTS_NAME
+from .full_tensors import expected_shapes, whole_copies
 from .inject import adapted_layers, require_adapter, saved_modules
+from .layer import LoraLevel
 
 
 def peft_lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """lora_A (R x in) and lora_B (out x R) per adapted layer, under PEFT's saved names."""
+    """lora_A (R x in) and lora_B (out x R) per adapted layer, under PEFT's saved names, from whole
+    copies of the factors (gathered where an engine shards them: call it on every rank there)."""
+    from .adapter_io import adapter_state_dict
+
+    named = adapter_state_dict(model)
+    whole = whole_copies(named, expected_shapes(model, named), "export_peft")
+    level_names = {id(module): prefix for prefix, module in model.named_modules() if isinstance(module, LoraLevel)}
     out = {}
     with torch.no_grad():
         for path, layer in adapted_layers(model):
-            a, b = lora_factors([lvl.A for lvl in layer.levels], [lvl.B for lvl in layer.levels], layer.scales)
-            out[f"base_model.model.{path}.lora_A.weight"] = a.T.contiguous().cpu()
-            out[f"base_model.model.{path}.lora_B.weight"] = b.T.contiguous().cpu()
+            names = [level_names[id(lvl)] for lvl in layer.levels]
+            a, b = lora_factors([whole[f"{n}.A"] for n in names], [whole[f"{n}.B"] for n in names], layer.scales)
+            out[f"base_model.model.{path}.lora_A.weight"] = a.T.contiguous()
+            out[f"base_model.model.{path}.lora_B.weight"] = b.T.contiguous()
         for path, module in saved_modules(model):
-            for name, p in module.named_parameters():
-                out[f"base_model.model.{path}.{name}"] = p.detach().contiguous().cpu()
+            for name, _ in module.named_parameters():
+                out[f"base_model.model.{path}.{name}"] = whole[f"{path}.{name}"].contiguous()
     return out
 
 
@@ -58,8 +67,11 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None
         modules_to_save=list(config.modules_to_save) or None,
         base_model_name_or_path=base_model_name_or_path,
     )
+    tensors = peft_lora_tensors(model)  # on every rank: a sharded factor is gathered by all of them
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return max([rank, *other.values()])
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lora.save_pretrained(str(directory))
-    save_file(peft_lora_tensors(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     return max([rank, *other.values()])
