@@ -89,7 +89,7 @@ def test_joined_factors_are_each_level_scaled_by_its_float_then_cast_once():
     # must be each level times its Python float, cast to x's dtype once.
     import random
 
-    from msplora_kernels.ops.autograd import _joined
+    from msplora_kernels.ops.autograd import joined_factors
 
     rng = random.Random(3)
     scale_sets = [(2.0, 4.0, 8.0), (16 / 3, 1.7, 0.1), (16 / 8**0.5, 8.0, 16 / 2**0.5),
@@ -99,7 +99,7 @@ def test_joined_factors_are_each_level_scaled_by_its_float_then_cast_once():
             As = [torch.randn(48, r, dtype=factor_dtype) * 3 for r in (8, 4, 2)]
             Bs = [torch.randn(r, 40, dtype=factor_dtype) for r in (8, 4, 2)]
             for x_dtype in {factor_dtype, torch.bfloat16, torch.float32}:
-                a, b = _joined(As, Bs, scales, x_dtype)
+                a, b = joined_factors(As, Bs, scales, x_dtype)
                 expected = torch.cat([a_i * s for a_i, s in zip(As, scales)], dim=1).to(x_dtype)
                 assert torch.equal(a, expected), (factor_dtype, scales, x_dtype)
                 assert torch.equal(b, torch.cat(Bs).to(x_dtype))

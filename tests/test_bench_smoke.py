@@ -111,3 +111,20 @@ def test_gemm_floor_tiny(tmp_path):
         assert ratios["cpp_vs_gemm_floor"] > 0 and abs(ratios["gemm_floor_vs_naive"] * ratios["cpp_vs_gemm_floor"]
                                                        - ratios["cpp_vs_naive"]) < 1e-9, (ratios, floor)
     assert "GEMM floor / naive" in proc.stdout
+
+
+def test_generation_bench_runs_and_reports_every_variant(tmp_path):
+    # bench/generate.py: greedy generation unmerged against merged, and one layer's call at decode.
+    out = tmp_path / "gen.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "generate.py"), "--batches", "1", "--targets", "qv", "--new-tokens", "3",
+           "--repeats", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    gen = {r["method"]: r for r in records if r["kind"] == "generate"}
+    assert set(gen) == {"base", "msplora_merged", "msplora_unmerged", "peft_lora_unmerged"}
+    assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 3 for r in gen.values())
+    assert gen["msplora_merged"]["vs_merged_tokens_per_s"] == 1.0
+    calls = [r for r in records if r["kind"] == "layer_call"]
+    assert {(r["tokens"], r["method"]) for r in calls} == {(t, m) for t in (1, 8) for m in ("linear", "peft_lora", "msplora")}
+    assert "msplora_unmerged" in proc.stdout and "x peft_lora" in proc.stdout

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..ops import reference
-from ..ops.functional import msplora_add, msplora_linear
+from ..ops.functional import add_joined_update, joined_factors, msplora_add, msplora_linear
+from ..ops.validation import check_inputs
 from .base_layers import (check_base_weight, compute_dtype, dequantized_weight, is_conv1d, linear_features,
                           quantized_kind, requantize)
 from .config import check_init, level_scale
@@ -201,6 +202,8 @@ class MSPLoraLinear(nn.Module):
         return tuple(lvl.scale for lvl in self._levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.merged or self.disabled) and self._needs_no_autograd(x):
+            return self._forward_without_autograd(x)
         if self.base_layer is not None:
             y = self.base_layer(x)
             if self.merged or self.disabled:
@@ -220,6 +223,58 @@ class MSPLoraLinear(nn.Module):
             training=self.training,
             backend=self.backend,
         )
+
+    def _factors(self) -> tuple:
+        return tuple(t for lvl in self._levels for t in (lvl.A, lvl.B))
+
+    def _needs_no_autograd(self, x: torch.Tensor) -> bool:
+        """Whether this call can skip the autograd Function: no gradient can flow (grad mode off, or
+        nothing involved requires one), no dropout draws, no autocast casts, and eager mode."""
+        if self.training and self.dropout > 0:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in
+                                                                (*self._factors(), self.weight, self.bias))):
+            return False
+        return not (torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling())
+
+    def _joined_for(self, x: torch.Tensor) -> tuple:
+        """The levels' factors joined in x's dtype (joined_factors), kept while the same factor
+        tensors hold the same values: rebuilt after an optimizer step or any in-place change (their
+        version counters), a .to() or a load (new tensors), or for another dtype. The factors are
+        checked against the layer when they are joined, not on every call."""
+        factors = [t for lvl in self._levels for t in (lvl.A, lvl.B)]
+        try:
+            # Which tensors, and their versions: a new tensor (a .to(), a load) or an in-place change.
+            key = [(id(t), t._version) for t in factors]
+        except RuntimeError:  # inference tensors keep no version: join anew each call
+            key = None
+        cached = self.__dict__.get("_joined_cache")
+        if key is not None and cached is not None and cached[0] is x.dtype and cached[1] == key:
+            return cached[3]
+        As, Bs = factors[0::2], factors[1::2]
+        if self.base_layer is None:
+            check_inputs(x, self.base_weight, self.bias, As, Bs, list(self.scales), 0.0)
+        with torch.no_grad():
+            joined = joined_factors(As, Bs, list(self.scales), x.dtype)
+        # The factors stay referenced with their ids, so that an id is never reused by another tensor.
+        self.__dict__["_joined_cache"] = None if key is None else (x.dtype, key, factors, joined)
+        return joined
+
+    def _forward_without_autograd(self, x: torch.Tensor) -> torch.Tensor:
+        """The base output plus (x A) B with the levels joined once: evaluation and generation,
+        where a token's GEMMs cost less than the Function's fixed per-call work. What the caller
+        passes is checked on every call, as nn.Linear checks it, with the errors of msplora_linear."""
+        if self.base_layer is not None:
+            y = self.base_layer(x)
+        else:
+            w = self.base_weight
+            if (not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features
+                    or x.dtype != w.dtype or x.device != w.device):
+                check_inputs(x, w, self.bias, [lvl.A for lvl in self._levels], [lvl.B for lvl in self._levels],
+                             list(self.scales), 0.0)
+            y = nn.functional.linear(x, w, self.bias)
+        a, b = self._joined_for(x)
+        return add_joined_update(y, x, a, b)
 
     @property
     def frozen_dtype(self) -> torch.dtype:

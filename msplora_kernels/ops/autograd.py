@@ -51,7 +51,7 @@ def _scale_row(scales: tuple, ranks: tuple, dtype, device):
         return row.to(device=device, dtype=dtype).unsqueeze(0) if exact else None
 
 
-def _joined(As, Bs, scales, dtype):
+def joined_factors(As, Bs, scales, dtype):
     # Each level scaled by its Python float (computed in the factor's op-math type, fp32 for
     # bf16, and rounded once), joined, then cast once. Where every scale is as exact in the
     # factors' one dtype (any in fp32; the paper's 16/8, 16/4, 16/2 in bf16), a row of them in
@@ -136,7 +136,7 @@ class FusedMSPLoRAFunction(torch.autograd.Function):
         x_lora = bits = None  # dropout(x) or the packed mask, when one is kept for the backward
         need_as = ctx.needs_input_grad[7 : 7 + levels]
         with _below_autograd():
-            a, b = _joined(As, Bs, scales, x.dtype)
+            a, b = joined_factors(As, Bs, scales, x.dtype)
             if backend.one_pass_forward(a.shape[1]):
                 y, t = ops.shrink_expand_linear(x, weight, bias, a, b, p, seed)
             else:
@@ -185,7 +185,7 @@ class FusedLoRAAddFunction(torch.autograd.Function):
         As, Bs, backend = _levels(factors, backend_name)
         levels, ops = len(As), backend.ops
         with _below_autograd():
-            a, b = _joined(As, Bs, scales, x.dtype)
+            a, b = joined_factors(As, Bs, scales, x.dtype)
             need_as = ctx.needs_input_grad[6 : 6 + levels]
             # The packed mask serves dA only: dx's adapter term is masked by ops.dropout below.
             t, x_lora, bits = _shrink(ops, backend, x, a, p, seed, need_as, need_x_mask=False)

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .autograd import FusedLoRAAddFunction, FusedMSPLoRAFunction
+from .autograd import FusedLoRAAddFunction, FusedMSPLoRAFunction, joined_factors
 from .backends import resolve_backend
 from .validation import check_add_inputs, check_inputs, check_same_dtype
 
@@ -110,3 +110,15 @@ def msplora_add(
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
         seed = draw_seed(x.device) if p > 0 else no_seed(x.device)
         return FusedLoRAAddFunction.apply(y, x2d, p, seed, name, tuple(float(s) for s in scales), *As, *Bs)
+
+
+def add_joined_update(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """y += (x a) b in place and returns y: the adapter's term at inference, with the levels
+    joined once (joined_factors: a = [s_1 A_1 | ... | s_n A_n], b = [B_1; ...; B_n], in x's dtype).
+    y is the base output for x, a tensor of its own; no dropout, no autograd: for calls that need
+    no gradient, where the autograd Function's fixed costs would outweigh a token's GEMMs."""
+    if x.dim() == 2 and y.is_contiguous():  # no reshapes: at one token each op is most of the cost
+        return y.addmm_(x.mm(a), b)
+    y = y if y.is_contiguous() else y.contiguous()
+    y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]).mm(a), b)
+    return y
