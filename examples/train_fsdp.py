@@ -38,7 +38,12 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="checkpoint file to resume from")
     p.add_argument("--out", default=None, help="write the final adapter tensors (safetensors) here")
     p.add_argument("--adapter-dir", default=None, help="also save the final adapter here with mk.save_adapter")
+    p.add_argument("--bf16-params", action="store_true",
+                   help="fsdp: compute in bfloat16 with fp32 sharded parameters and fp32 gradient reduction "
+                        "(MixedPrecisionPolicy)")
     args = p.parse_args(argv)
+    if args.bf16_params and args.mode != "fsdp":
+        p.error("--bf16-params is FSDP2's MixedPrecisionPolicy: use it with --mode fsdp")
     if args.mode == "zero3" and (args.ckpt_at is not None or args.resume):
         p.error("--ckpt-at and --resume are for ddp and fsdp; under zero3 use DeepSpeed's save_checkpoint")
     return args
@@ -112,9 +117,14 @@ def main(argv=None):
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (world,))
+        policy = {}
+        if args.bf16_params:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
         for block in model.model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)  # the root: embeddings, head and the shared MSPLoRA factors
+            fully_shard(block, mesh=mesh, **policy)
+        fully_shard(model, mesh=mesh, **policy)  # the root: embeddings, head and the shared MSPLoRA factors
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
     if args.mode == "zero3":
@@ -135,11 +145,12 @@ def main(argv=None):
     per_rank = args.global_batch // world
     for step in range(start, args.steps):
         ids = global_batch(step, args, device)[rank * per_rank:(rank + 1) * per_rank]
-        loss = model(input_ids=ids, labels=ids).loss
         if args.mode == "zero3":
+            loss = model(input_ids=ids, labels=ids).loss
             model.backward(loss)
             model.step()
         else:
+            loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -103,3 +103,18 @@ def test_zero3_saves_the_whole_adapter_and_trains_as_one_process(tmp_path, singl
     for k in single:  # fp32, no gradient clipping on either side
         torch.testing.assert_close(gathered[k], single[k], rtol=1e-4, atol=2e-5, msg=k)
     assert all((single[k] - init[k]).abs().max() > 1e-3 for k in single)
+
+
+def test_fsdp2_in_mixed_precision_trains_and_saves_whole_fp32_factors(tmp_path, single):
+    # MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): bf16 compute, fp32 shards. The
+    # adapter saved from it is fp32 and equals the full state dict. Not compared with one process:
+    # AdamW's first steps move each factor by about lr times the sign of its gradient, and bf16
+    # gradients flip the sign of the small ones.
+    _, init = single
+    _run(tmp_path, "fsdp", "--bf16-params", "--out", "full.st", "--adapter-dir", "adapter")
+    full = _load(tmp_path / "full.st")
+    saved = _load(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == full.keys() == init.keys()
+    for k in saved:
+        assert saved[k].dtype == torch.float32 and torch.equal(saved[k], full[k]), k
+        assert torch.isfinite(saved[k]).all() and (saved[k] - init[k]).abs().max() > 1e-3, k
