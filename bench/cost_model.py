@@ -48,7 +48,7 @@ DEVICES = {
 }
 # Integer instructions per mask element: the splitmix64 finalizer on 32-bit lanes (64-bit
 # multiplies and shifts take several each). Counted in sm_90 code: 488 SASS instructions the
-# hash adds to shrink for 16 elements a thread (NOTES.md, 2026-11-22), and 32-35 an element (#18).
+# hash adds to shrink for 16 elements a thread, and 32-35 an element (NOTES.md).
 HASH_INSTRUCTIONS = 33
 
 

@@ -41,7 +41,7 @@ fi
 if want layers; then
   LOG="$OUT_DIR/$DEV-$DATE.log"
   # --predict: the cost model's ratios from this GPU's measured ceilings, beside the measurement
-  # (and in the JSON's metadata), which is what #18's predictions are held against.
+  # (and in the JSON's metadata), which is what the cost model's predictions are held against.
   $PY bench/throughput.py --predict --json "$OUT_DIR/$DEV-$DATE.json" --plot "$OUT_DIR/$DEV-$DATE.png" > "$LOG" 2>&1
   tail -14 "$LOG"
   # Into the same log (the device tool returns 8 files at most): CUDA-graph replays, whose gap to

@@ -20,7 +20,7 @@ def time_cpu_interleaved(fns: dict, repeats: int, warmup: int = 2, tick=None, se
     machine's speed (other tenants, clocks), and the state the call before leaves. A step's
     frees can let glibc trim the heap, and the next step then pays page faults for its new
     tensors; in a fixed (rotated) order each method always followed the same neighbour, and the
-    one after msplora_naive paid 1.5-2.5 ms more at roberta-base bf16 (bench/NOTES.md, #20).
+    one after msplora_naive paid 1.5-2.5 ms more at roberta-base bf16 (bench/NOTES.md).
     Returns a summary per key; tick() after each round."""
     keys = list(fns)
     rng = random.Random(seed)

@@ -191,7 +191,7 @@ inline size_t last_level_cache_bytes() {
   return bytes;
 }
 
-// Puts the machine in the state a GEMM of a training step meets (bench/NOTES.md, #20):
+// Puts the machine in the state a GEMM of a training step meets (bench/NOTES.md):
 // - Caches cold: the frozen GEMMs in between stream the whole cache. Timed hot, the skinny
 //   products rank differently (AMD EPYC, bf16 roberta-base: dB = T^T dy 346 us on oneDNN against
 //   381 on ATen hot, 623 against 519 cold). A sweep over twice the last-level cache evicts it.
@@ -369,7 +369,7 @@ inline at::Tensor product(const char* gemm, const at::Tensor& a, const at::Tenso
 // any strides. The adapter's term is added into this output afterwards (add_expanded in
 // msplora_cpu.cpp), while the GEMM has left it in cache: the other order, the skinny term first
 // into a new tensor and the GEMM accumulating into it, cost 0.3-0.5 ms more per product at bf16
-// roberta-base on an AMD EPYC (bench/NOTES.md, #20).
+// roberta-base on an AMD EPYC (bench/NOTES.md).
 inline at::Tensor frozen_linear(const char* gemm, const at::Tensor& x, const at::Tensor& w,
                                 const c10::optional<at::Tensor>& bias) {
   const bool has_bias = bias.has_value() && bias->defined();

@@ -56,7 +56,7 @@ def joined_factors(As, Bs, scales, dtype):
     # bf16, and rounded once), joined, then cast once. Where every scale is as exact in the
     # factors' one dtype (any in fp32; the paper's 16/8, 16/4, 16/2 in bf16), a row of them in
     # place after the join gives the same values in two ops instead of four: at small layers each
-    # op costs more than its data (#20). The row is in the factors' dtype: a bf16 tensor times an
+    # op costs more than its data. The row is in the factors' dtype: a bf16 tensor times an
     # fp32 row ran as three kernels (a cast each way).
     row = None
     if not torch.compiler.is_compiling() and len({a_i.dtype for a_i in As}) == 1:

@@ -29,7 +29,7 @@ def check_dropout_p(dropout_p) -> None:
 
 
 # Signatures of the argument sets check_inputs has passed: a layer's next call usually repeats
-# its last one, and the full checks cost more than the kernels of a small layer (#20).
+# its last one, and the full checks cost more than the kernels of a small layer.
 _PASSED: set = set()
 _PASSED_MAX = 4096
 
