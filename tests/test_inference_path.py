@@ -69,7 +69,11 @@ def test_a_change_to_the_factors_is_seen_by_the_next_call():
         after = layer(x)
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, _with_function(layer, x))
-    # A new tensor in place of a factor (as a load that assigns, or a .to()) is seen too.
+    # New data under the same Parameter (as .to() and some loaders assign it) is seen.
+    layer.levels[1].B.data = torch.randn_like(layer.levels[1].B)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _with_function(layer, x))
+    # A new tensor in place of a factor (as a load that assigns) is seen too.
     layer.levels[0].A = torch.nn.Parameter(torch.randn(48, 8))
     with torch.no_grad():
         torch.testing.assert_close(layer(x), _with_function(layer, x))

@@ -244,12 +244,13 @@ class MSPLoraLinear(nn.Module):
         checked against the layer when they are joined, not on every call."""
         factors = [t for lvl in self._levels for t in (lvl.A, lvl.B)]
         try:
-            # Which tensors, and their versions: a new tensor (a .to(), a load) or an in-place change.
-            key = [(id(t), t._version) for t in factors]
+            # Which tensors, their storage and versions: a new tensor (a load that assigns), new
+            # data under the same Parameter (.to(), `p.data = ...`) or an in-place change.
+            key = [(id(t), t.data_ptr(), t._version) for t in factors]
         except RuntimeError:  # inference tensors keep no version: join anew each call
             key = None
         cached = self.__dict__.get("_joined_cache")
-        if key is not None and cached is not None and cached[0] is x.dtype and cached[1] == key:
+        if key is not None and cached is not None and cached[0] == (x.dtype, x.device) and cached[1] == key:
             return cached[3]
         As, Bs = factors[0::2], factors[1::2]
         if self.base_layer is None:
@@ -257,7 +258,7 @@ class MSPLoraLinear(nn.Module):
         with torch.no_grad():
             joined = joined_factors(As, Bs, list(self.scales), x.dtype)
         # The factors stay referenced with their ids, so that an id is never reused by another tensor.
-        self.__dict__["_joined_cache"] = None if key is None else (x.dtype, key, factors, joined)
+        self.__dict__["_joined_cache"] = None if key is None else ((x.dtype, x.device), key, factors, joined)
         return joined
 
     def _forward_without_autograd(self, x: torch.Tensor) -> torch.Tensor:
