@@ -130,3 +130,5 @@ def test_bad_input_raises_the_usual_errors_without_grad():
         layer(torch.randn(4, 15))
     with torch.no_grad(), pytest.raises(mk.DtypeMismatchError, match="expected m1 and m2 to have the same dtype"):
         layer(torch.randn(4, 48, dtype=torch.float64))
+    with torch.no_grad(), pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        layer([[0.0] * 48])

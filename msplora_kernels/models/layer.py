@@ -230,8 +230,8 @@ class MSPLoraLinear(nn.Module):
     def _needs_no_autograd(self, x: torch.Tensor) -> bool:
         """Whether this call can skip the autograd Function: no gradient can flow (grad mode off, or
         nothing involved requires one), no dropout draws, no autocast casts, and eager mode."""
-        if self.training and self.dropout > 0:
-            return False
+        if (self.training and self.dropout > 0) or not isinstance(x, torch.Tensor):
+            return False  # a non-tensor gets msplora_linear's error there
         if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in
                                                                 (*self._factors(), self.weight, self.bias))):
             return False
@@ -267,10 +267,13 @@ class MSPLoraLinear(nn.Module):
         passes is checked on every call, as nn.Linear checks it, with the errors of msplora_linear."""
         if self.base_layer is not None:
             y = self.base_layer(x)
+            if y.dtype != x.dtype or y.device != x.device or y.shape[:-1] != x.shape[:-1]:
+                # msplora_add's checks name what does not fit.
+                return msplora_add(y, x, [lvl.A for lvl in self._levels], [lvl.B for lvl in self._levels],
+                                   list(self.scales), backend=self.backend)
         else:
             w = self.base_weight
-            if (not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features
-                    or x.dtype != w.dtype or x.device != w.device):
+            if x.dim() < 1 or x.shape[-1] != self.in_features or x.dtype != w.dtype or x.device != w.device:
                 check_inputs(x, w, self.bias, [lvl.A for lvl in self._levels], [lvl.B for lvl in self._levels],
                              list(self.scales), 0.0)
             y = nn.functional.linear(x, w, self.bias)
