@@ -84,6 +84,22 @@ def test_a_change_to_the_factors_is_seen_by_the_next_call():
     torch.testing.assert_close(got, _with_function(layer, x.double()))
 
 
+@pytest.mark.parametrize("optimizer", [dict(foreach=False), dict(fused=True)])
+def test_an_optimizer_step_is_seen_even_where_it_keeps_the_version(optimizer):
+    # A fused AdamW (the Trainer's pick) writes the factors without bumping their version counters.
+    layer = _layer(dropout=0.0)
+    x = torch.randn(4, 48)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, **optimizer)
+    with torch.no_grad():
+        before = layer(x)  # joined and kept, in eval mode, as between rollouts
+    layer(x).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        after = layer(x)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, _with_function(layer, x))
+
+
 def test_a_shared_level_changed_through_one_layer_is_seen_by_the_others():
     model = mk.MSPLoraLinear(48, 40, ranks=(8, 4, 2))
     other = mk.MSPLoraLinear(48, 40, levels=[model.levels[0], None, None], ranks=(8, 4, 2))

@@ -58,3 +58,50 @@ def test_sft_trainer_trains_and_saves_the_adapter(tmp_path):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = loaded(ids).logits.float()
     torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
+
+
+def _preferences(n=16):
+    prompts = ["the big cat", "the small dog", "the red mat", "a blue log"] * (n // 4)
+    return datasets.Dataset.from_dict({"prompt": prompts, "chosen": [" sat on the mat"] * n,
+                                       "rejected": [" ran on the log"] * n})
+
+
+def _dpo(model, tmp_path, name, steps):
+    args = trl.DPOConfig(output_dir=str(tmp_path / name), max_steps=steps, per_device_train_batch_size=4,
+                         learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
+                         precompute_ref_log_probs=True, dataloader_num_workers=0, seed=0)
+    return trl.DPOTrainer(model=model, ref_model=None, args=args, processing_class=word_tokenizer(),
+                          train_dataset=_preferences())
+
+
+def test_dpo_without_a_second_model_takes_the_base_as_reference(tmp_path):
+    # With precompute_ref_log_probs, DPOTrainer scores the reference with the policy before
+    # training: a new MSPLoRA adapter changes nothing at init, so that is the base model, and no
+    # reference model is loaded (TRL would reload one from config._name_or_path otherwise, which
+    # a model built in code does not have).
+    torch.manual_seed(0)
+    model = mk.apply_msplora(tiny_llama(), mk.MSPLoraConfig(target_modules=["q_proj", "v_proj"], dropout=0.0))
+    trainer = _dpo(model, tmp_path, "dpo", steps=4)
+    assert trainer.ref_model is None
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert abs(losses[0] - 0.6931) < 1e-3 and losses[-1] < losses[0], losses  # ln 2: policy == reference
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in mk.adapter_state_dict(model).items()
+               if k.endswith(".B"))
+    # The reference TRL precomputed is the adapter-off model's: the summed log-probabilities of
+    # each completion's tokens after its prompt, scored here with the trained adapter disabled.
+    rows = trainer.train_dataset
+    model.eval()
+
+    def completion_logps(row, completion):
+        ids = torch.tensor([row["prompt_ids"] + row[completion]])
+        logps = model(ids).logits.float().log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+        return logps[len(row["prompt_ids"]) - 1:].sum()
+
+    with torch.no_grad():
+        with mk.disable_adapters(model):
+            base = [completion_logps(row, "chosen_ids") for row in rows]
+        adapted = [completion_logps(row, "chosen_ids") for row in rows]
+    ref = torch.tensor(rows["ref_chosen_logps"])
+    torch.testing.assert_close(torch.stack(base), ref, rtol=1e-4, atol=1e-4)
+    assert (torch.stack(adapted) - ref).abs().max() > 1e-2  # the trained adapter would score otherwise

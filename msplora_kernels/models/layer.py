@@ -69,6 +69,22 @@ def _per_level(value, n: int, name: str) -> list:
     return [value] * n
 
 
+# Optimizer steps taken in this process, counted from the first join on. A fused optimizer
+# (AdamW(fused=True), which the Trainer picks) writes parameters without bumping their version
+# counters, so a joined-factor cache keyed on versions alone served stale factors after training.
+_optimizer_steps = [0]
+_optimizer_hook = []
+
+
+def _optimizer_steps_so_far() -> int:
+    if not _optimizer_hook:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _optimizer_hook.append(register_optimizer_step_post_hook(
+            lambda *_: _optimizer_steps.__setitem__(0, _optimizer_steps[0] + 1)))
+    return _optimizer_steps[0]
+
+
 class MSPLoraLinear(nn.Module):
     """y = x W^T + b + sum_i (alpha_i / r_i) (dropout(x) A_i) B_i, with W and b frozen
     (alpha_i / sqrt(r_i) with use_rslora).
@@ -245,8 +261,10 @@ class MSPLoraLinear(nn.Module):
         factors = [t for lvl in self._levels for t in (lvl.A, lvl.B)]
         try:
             # Which tensors, their storage and versions: a new tensor (a load that assigns), new
-            # data under the same Parameter (.to(), `p.data = ...`) or an in-place change.
-            key = [(id(t), t.data_ptr(), t._version) for t in factors]
+            # data under the same Parameter (.to(), `p.data = ...`) or an in-place change; and any
+            # optimizer step since. Writes through `p.data` by hand are not seen: join anew then with
+            # a mode switch (.train() or .eval() drops the joined factors).
+            key = [_optimizer_steps_so_far(), *[(id(t), t.data_ptr(), t._version) for t in factors]]
         except RuntimeError:  # inference tensors keep no version: join anew each call
             key = None
         cached = self.__dict__.get("_joined_cache")
@@ -260,6 +278,10 @@ class MSPLoraLinear(nn.Module):
         # The factors stay referenced with their ids, so that an id is never reused by another tensor.
         self.__dict__["_joined_cache"] = None if key is None else ((x.dtype, x.device), key, factors, joined)
         return joined
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_joined_cache", None)
+        return super().train(mode)
 
     def _forward_without_autograd(self, x: torch.Tensor) -> torch.Tensor:
         """The base output plus (x A) B with the levels joined once: evaluation and generation,
