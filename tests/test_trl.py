@@ -105,3 +105,30 @@ def test_dpo_without_a_second_model_takes_the_base_as_reference(tmp_path):
     ref = torch.tensor(rows["ref_chosen_logps"])
     torch.testing.assert_close(torch.stack(base), ref, rtol=1e-4, atol=1e-4)
     assert (torch.stack(adapted) - ref).abs().max() > 1e-2  # the trained adapter would score otherwise
+
+
+def test_grpo_generates_with_the_factors_each_step_trained(tmp_path):
+    # GRPOTrainer alternates TRL's own generation (no_grad: the layer's path without autograd, with
+    # the levels joined once) and optimizer steps; the joined factors must follow every step.
+    torch.manual_seed(0)
+    tok = word_tokenizer()
+    model = mk.apply_msplora(tiny_llama(), mk.MSPLoraConfig(target_modules=["q_proj", "v_proj"], dropout=0.0))
+
+    def distinct_words(completions, **kwargs):
+        return [float(len(set(c.split()))) for c in completions]
+
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "grpo"), max_steps=3, per_device_train_batch_size=4,
+                          num_generations=4, max_completion_length=6, learning_rate=5e-2, logging_steps=1,
+                          report_to=[], use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0)
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=distinct_words, args=args, processing_class=tok,
+                              train_dataset=datasets.Dataset.from_dict({"prompt": ["the big", "the small", "a red",
+                                                                                   "a blue"] * 4}))
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3 and any(entry["loss"] != 0 for entry in logged), logged
+    assert any(v.abs().max() > 0 for k, v in mk.adapter_state_dict(model).items() if k.endswith(".B"))
+    ids = tok(["the big cat sat"], return_tensors="pt").input_ids
+    model.eval()
+    with torch.no_grad():
+        without_autograd = model(ids).logits
+    torch.testing.assert_close(without_autograd, model(ids).logits.detach(), rtol=1e-5, atol=1e-5)
