@@ -10,7 +10,7 @@ LATEST_VENV ?= .venv-latest
 
 SOURCES := setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.h)
 
-.PHONY: setup test bench test-latest constraints clean
+.PHONY: setup test test-fast bench test-latest constraints clean
 
 setup: .build-stamp
 
@@ -21,6 +21,10 @@ setup: .build-stamp
 
 test: setup
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+# The quick loop while developing: everything but the tests marked slow (tests/conftest.py).
+test-fast: setup
+	$(PYTHON) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(PYTHON) bench/throughput.py $(BENCH_ARGS)

@@ -54,3 +54,24 @@ def emulated_cuda_backend(emulated_cuda_ops):
     backends._OP_TABLES.pop(record.name, None)
     backends.PREFERENCE["cpu"] = tuple(n for n in backends.PREFERENCE["cpu"] if n != record.name)
     backends._available.cache_clear()
+
+
+# Test files that start processes (torchrun, venvs, pip, bench scripts), build or compile (the
+# emulated CUDA launchers, sm_90 cubins) or run TRL and the Trainer: `make test-fast` (pytest -m
+# "not slow") leaves them out for a quick loop; `make test`, what CI runs, runs everything.
+SLOW_FILES = {
+    "test_bench_smoke.py", "test_cuda_compile.py", "test_cuda_launchers_emulated.py", "test_distributed.py",
+    "test_gemm_choice_store.py", "test_install.py", "test_missing_extras.py", "test_readme.py", "test_trainer.py",
+    "test_triton_sm90_compile.py", "test_trl.py",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: processes, builds, GPU compile checks, TRL and the Trainer "
+                                       "(make test-fast leaves them out)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
