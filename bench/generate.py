@@ -39,8 +39,9 @@ def _randomized(model):
 
 def models(base, shape, targets, backend):
     """name -> model, each a copy of the same base."""
+    import peft
+
     ranks = shape["ranks"]
-    peft = __import__("peft")
     msplora = mk.apply_msplora(copy.deepcopy(base), mk.MSPLoraConfig(target_modules=targets, ranks=ranks,
                                                                       backend=backend), autocast_adapter_dtype=False)
     merged = mk.merge_and_unload(copy.deepcopy(_randomized(msplora)))

@@ -24,9 +24,14 @@ def is_zero3_partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
+def is_dtensor(p: torch.Tensor) -> bool:
+    """An FSDP2 (DTensor) parameter: its local part is a shard, full_tensor() gathers it."""
+    return callable(getattr(p, "full_tensor", None))
+
+
 def is_sharded(p: torch.Tensor) -> bool:
     """Whether an engine holds only part of p on this rank (ZeRO-3 or an FSDP2 DTensor)."""
-    return is_zero3_partitioned(p) or callable(getattr(p, "full_tensor", None))
+    return is_zero3_partitioned(p) or is_dtensor(p)
 
 
 def expected_shapes(model: nn.Module, names: dict) -> dict[str, tuple]:
@@ -48,7 +53,7 @@ def _gathered(p: torch.Tensor):
 
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             yield p
-    elif callable(getattr(p, "full_tensor", None)):
+    elif is_dtensor(p):
         yield p.full_tensor()
     else:
         yield p

@@ -258,7 +258,7 @@ class MSPLoraLinear(nn.Module):
         tensors hold the same values: rebuilt after an optimizer step or any in-place change (their
         version counters), a .to() or a load (new tensors), or for another dtype. The factors are
         checked against the layer when they are joined, not on every call."""
-        factors = [t for lvl in self._levels for t in (lvl.A, lvl.B)]
+        factors = self._factors()
         try:
             # Which tensors, their storage and versions: a new tensor (a load that assigns), new
             # data under the same Parameter (.to(), `p.data = ...`) or an in-place change; and any

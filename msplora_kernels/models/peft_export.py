@@ -67,11 +67,12 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None
         modules_to_save=list(config.modules_to_save) or None,
         base_model_name_or_path=base_model_name_or_path,
     )
+    largest = max([rank, *other.values()])
     tensors = peft_lora_tensors(model)  # on every rank: a sharded factor is gathered by all of them
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return max([rank, *other.values()])
+        return largest
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lora.save_pretrained(str(directory))
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    return max([rank, *other.values()])
+    return largest
