@@ -12,10 +12,12 @@ from .models.adapter_io import adapter_state_dict, load_adapter, load_msplora, s
 from .models.config import MSPLoraConfig
 from .models.counts import print_trainable_parameters, summary
 from .models.hub import push_to_hub
-from .models.inject import adapted_layers, apply_msplora
+from .models.factors import adapted_layers
+from .models.inject import apply_msplora
 from .models.layer import LoraLevel, MSPLoraLinear
 from .models.merging import disable_adapters, merge_adapter, merge_and_unload, unload, unmerge_adapter
 from .models.peft_export import export_peft
+from .models.shared_base import shared_base_model
 from .ops import native  # noqa: F401  (loads the compiled ops)
 from .ops.backends import available_backends, backend_info, triton_gemm_choices
 from .ops.functional import msplora_linear
@@ -65,6 +67,7 @@ __all__ = [
     "print_trainable_parameters",
     "push_to_hub",
     "save_adapter",
+    "shared_base_model",
     "summary",
     "triton_gemm_choices",
     "unload",

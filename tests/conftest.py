@@ -61,8 +61,8 @@ def emulated_cuda_backend(emulated_cuda_ops):
 # "not slow") leaves them out for a quick loop; `make test`, what CI runs, runs everything.
 SLOW_FILES = {
     "test_bench_smoke.py", "test_cuda_compile.py", "test_cuda_launchers_emulated.py", "test_distributed.py",
-    "test_gemm_choice_store.py", "test_install.py", "test_missing_extras.py", "test_readme.py", "test_trainer.py",
-    "test_triton_sm90_compile.py", "test_trl.py",
+    "test_gemm_choice_store.py", "test_install.py", "test_missing_extras.py", "test_qlora_trainers.py",
+    "test_readme.py", "test_trainer.py", "test_triton_sm90_compile.py", "test_trl.py",
 }
 
 

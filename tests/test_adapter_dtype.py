@@ -103,3 +103,21 @@ def test_joined_factors_are_each_level_scaled_by_its_float_then_cast_once():
                 expected = torch.cat([a_i * s for a_i, s in zip(As, scales)], dim=1).to(x_dtype)
                 assert torch.equal(a, expected), (factor_dtype, scales, x_dtype)
                 assert torch.equal(b, torch.cat(Bs).to(x_dtype))
+
+
+def test_factors_cast_behind_the_modules_back_are_restored_and_a_conversion_is_kept():
+    from msplora_kernels.models.factor_dtypes import restore_factor_dtypes
+
+    model = mk.apply_msplora(tiny_llama().to(torch.bfloat16), mk.MSPLoraConfig(target_modules=["q_proj", "v_proj"]))
+    randomize_adapter(model)
+    factors = mk.adapter_state_dict(model)
+    want = {k: v.detach().clone() for k, v in factors.items()}
+    for p in factors.values():  # what TRL's trainers do to a quantized model's trainable parameters
+        p.data = p.data.to(torch.bfloat16)
+    assert sorted(restore_factor_dtypes(model)) == sorted(factors)
+    for k, p in mk.adapter_state_dict(model).items():
+        assert p.dtype == torch.float32 and torch.equal(p, want[k].to(torch.bfloat16).float())
+    # A conversion through the module is the user's choice, and stays.
+    model.bfloat16()
+    assert restore_factor_dtypes(model) == []
+    assert {p.dtype for p in mk.adapter_state_dict(model).values()} == {torch.bfloat16}

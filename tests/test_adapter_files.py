@@ -121,9 +121,34 @@ def test_peft_lora_directory_is_refused(tmp_path):
     assert peft  # the export itself is tested in test_peft_export.py
 
 
-def test_a_whole_model_directory_gets_a_hint(tmp_path):
+def test_save_pretrained_writes_the_adapter_alone_and_load_msplora_reads_it(tmp_path):
+    model = mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig(modules_to_save=["classifier"]))
+    randomize_adapter(model)
+    model.save_pretrained(tmp_path)  # what the Trainer's checkpoints and model.push_to_hub write
+    written = load_file(tmp_path / "adapter_model.safetensors")
+    want = mk.adapter_state_dict(model)
+    # PEFT's spelling of the names, and nothing of the frozen base.
+    assert sorted(written) == sorted(f"base_model.model.{k}" for k in want)
+    assert not (tmp_path / "model.safetensors").exists()
+    loaded = mk.adapter_state_dict(mk.load_msplora(tiny_bert(), tmp_path))
+    assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], want[k]) for k in want)
+
+
+def test_a_merged_model_saves_in_full_again(tmp_path):
     model = mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig())
-    model.save_pretrained(tmp_path)  # what Trainer.save_model writes: the whole model
+    randomize_adapter(model)
+    ids = tokens()
+    want = model(ids).logits
+    merged = mk.merge_and_unload(model)
+    assert not merged._hf_peft_config_loaded and not hasattr(merged, "peft_config")
+    merged.save_pretrained(tmp_path)
+    from transformers import BertForSequenceClassification
+    torch.testing.assert_close(BertForSequenceClassification.from_pretrained(tmp_path).eval()(ids).logits, want,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_whole_model_directory_gets_a_hint(tmp_path):
+    mk.merge_and_unload(mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig())).save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="no adapter_config.json in .*whole model.*save_adapter"):
         mk.load_msplora(tiny_bert(), tmp_path)
     with pytest.raises(FileNotFoundError, match=r"no adapter folder \S+missing, and it is not a Hub repo id"):

@@ -9,38 +9,24 @@ from torch import nn
 
 import msplora_kernels as mk
 from helpers import drawn_seed
-from models import tiny_llama, tokens
+from models import tokens
+from models import tiny_llama
+from quantized_models import HIDDEN, KINDS, from_pretrained_quantized, write_checkpoint
 from msplora_kernels.models.base_layers import hold_trainable_layout
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 
-# name -> BitsAndBytesConfig arguments
-KINDS = {
-    "nf4-double": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                       bnb_4bit_compute_dtype=torch.float32),
-    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False,
-                bnb_4bit_compute_dtype=torch.float32),
-    "int8": dict(load_in_8bit=True),
-}
 CONFIG = dict(target_modules=["q_proj", "v_proj"], ranks=(8, 4, 2), lora_alpha=16)
-HIDDEN = 64
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    # Hidden size 64: bitsandbytes' CPU inference path for 4-bit weights needs in_features to be a
-    # multiple of its block size (64).
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(hidden=HIDDEN).save_pretrained(path)
-    return path
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def load_quantized(checkpoint, kind):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # bitsandbytes' notes about CPU kernels and fp16 casts
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            checkpoint, quantization_config=transformers.BitsAndBytesConfig(**KINDS[kind]), device_map="cpu")
+    model = from_pretrained_quantized(checkpoint, kind)
     # In the layout apply_msplora keeps 4-bit weights in (base_layers.hold_trainable_layout), so that
     # the base model and the adapted one compute the base alike.
     for module in model.modules():

@@ -34,9 +34,9 @@ def names_the_block_needs(block: str) -> dict:
     if "DPOTrainer" in block:
         # A tiny LLaMA, a tokenizer made in code and a few preference pairs (nothing downloaded).
         pytest.importorskip("trl")
-        from test_trl import _preferences, word_tokenizer
+        from text_data import preferences, word_tokenizer
 
-        given.update(model=tiny_llama(), tokenizer=word_tokenizer(), preferences=_preferences())
+        given.update(model=tiny_llama(), tokenizer=word_tokenizer(), preferences=preferences())
     if "msplora_linear(x, weight" in block:
         x, weight, bias = torch.randn(4, 10, 64), torch.randn(32, 64) / 8, torch.randn(32)
         ranks = (8, 4, 2)

@@ -5,32 +5,10 @@ import torch
 
 import msplora_kernels as mk
 from models import tiny_llama
+from text_data import preferences, sentences, word_tokenizer
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
-
-WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "log", "a", "big", "small", "red", "blue", "and", "then"]
-
-
-def word_tokenizer():
-    """A word-level tokenizer over WORDS, made in code (nothing downloaded)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-                                   eos_token="[EOS]")
-
-
-def sentences(n=48, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]  # noqa: E731
-    return [f"the {pick(['big', 'small'])} {pick(['cat', 'dog'])} {pick(['sat', 'ran'])} on the "
-            f"{pick(['red', 'blue'])} {pick(['mat', 'log'])}" for _ in range(n)]
-
 
 def test_sft_trainer_trains_and_saves_the_adapter(tmp_path):
     torch.manual_seed(0)
@@ -60,18 +38,12 @@ def test_sft_trainer_trains_and_saves_the_adapter(tmp_path):
     torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
 
 
-def _preferences(n=16):
-    prompts = ["the big cat", "the small dog", "the red mat", "a blue log"] * (n // 4)
-    return datasets.Dataset.from_dict({"prompt": prompts, "chosen": [" sat on the mat"] * n,
-                                       "rejected": [" ran on the log"] * n})
-
-
 def _dpo(model, tmp_path, name, steps):
     args = trl.DPOConfig(output_dir=str(tmp_path / name), max_steps=steps, per_device_train_batch_size=4,
                          learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
                          precompute_ref_log_probs=True, dataloader_num_workers=0, seed=0)
     return trl.DPOTrainer(model=model, ref_model=None, args=args, processing_class=word_tokenizer(),
-                          train_dataset=_preferences())
+                          train_dataset=preferences())
 
 
 def test_dpo_without_a_second_model_takes_the_base_as_reference(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from ..models.adapter_io import adapter_state_dict
 from ..models.config import WEIGHTS_NAME
 from ..models.config import CONFIG_NAME, level_scale
-from ..models.inject import FACTORS_ATTR
+from ..models.factors import FACTORS_ATTR
 from ..models.targets import layer_position
 
 # Adapter tensor names: shared levels in the root container, and layers' own levels.

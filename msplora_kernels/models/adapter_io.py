@@ -13,28 +13,15 @@ import torch
 from torch import nn
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, MSPLoraConfig
-from .full_tensors import expected_shapes, whole_copies
+from .adapter_tensors import adapter_state_dict, tensors_to_write
 from .hub import adapter_folder
 from ..errors import AdapterMismatchError
-from .inject import apply_msplora, require_adapter, saved_modules
-from .layer import LoraLevel
+from .factors import require_adapter
+from .inject import apply_msplora
 from .merging import unload
+from .transformers_adapter import without_peft_prefix
 
 _SHOW = 5  # names listed in an error before "and N more"
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every adapter tensor once, by its name in the model: the levels' factors and the
-    parameters of modules_to_save."""
-    out = {}
-    for prefix, module in model.named_modules():  # named_modules skips repeats
-        if isinstance(module, LoraLevel):
-            out[f"{prefix}.A"] = module.A
-            out[f"{prefix}.B"] = module.B
-    for path, module in saved_modules(model):
-        for name, p in module.named_parameters():
-            out[f"{path}.{name}"] = p
-    return out
 
 
 def save_adapter(model: nn.Module, directory) -> None:
@@ -49,12 +36,7 @@ def save_adapter(model: nn.Module, directory) -> None:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     config = require_adapter(model, "save_adapter")
-    tensors = adapter_state_dict(model)
-    meta = [k for k, t in tensors.items() if t.is_meta]
-    if meta:
-        raise ValueError(f"save_adapter: {len(meta)} adapter tensors are on the meta device (e.g. {meta[0]}); "
-                         "materialize the model first")
-    tensors = whole_copies(tensors, expected_shapes(model, tensors), "save_adapter")
+    tensors = tensors_to_write(model, "save_adapter")
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     directory = Path(directory)
@@ -62,6 +44,15 @@ def save_adapter(model: nn.Module, directory) -> None:
     config.save_pretrained(directory)
     save_file({k: t.contiguous() for k, t in tensors.items()}, str(directory / WEIGHTS_NAME),
               metadata={"format": "pt", "adapter_type": "MSPLORA"})
+
+
+def write_resume_index(model: nn.Module, directory) -> None:
+    """A shard index (model.safetensors.index.json) whose weight map sends every adapter tensor to
+    adapter_model.safetensors, for the Trainer's resume, which loads a checkpoint through its
+    index; see SaveAdapterCallback. Write it after save_adapter, into the same folder."""
+    index = {"metadata": {"msplora_adapter_only": True},
+             "weight_map": {name: WEIGHTS_NAME for name in sorted(adapter_state_dict(model))}}
+    (Path(directory) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _listing(names) -> str:
@@ -121,7 +112,7 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     diffs = _config_differences(saved, current)
     if diffs:
         raise AdapterMismatchError(f"load_adapter: {directory / CONFIG_NAME} differs from the model's config: " + "; ".join(diffs))
-    tensors = _read_tensors(directory / WEIGHTS_NAME)
+    tensors = without_peft_prefix(_read_tensors(directory / WEIGHTS_NAME))
     params = adapter_state_dict(model)
     problems = []
     missing, unexpected = params.keys() - tensors.keys(), tensors.keys() - params.keys()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .inject import adapted_layers, require_adapter
+from .factors import adapted_layers, require_adapter
 
 def summary(model: nn.Module) -> dict:
     """Trainable parameters per level and in total, next to LoRA's count for the same layers

@@ -14,7 +14,7 @@ from torch import nn
 from .._extras import require
 from .config import CONFIG_NAME, WEIGHTS_NAME
 from .counts import summary
-from .inject import require_adapter
+from .factors import require_adapter
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 

@@ -39,6 +39,14 @@ class LoraLevel(nn.Module):
         self.A = nn.Parameter(torch.empty(in_features, rank, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(rank, out_features, device=device, dtype=dtype))
         self.reset_parameters()
+        # The dtype the factors were made in or last converted to through the module (.to(),
+        # .float(), .bfloat16()): see factor_dtypes.restore_factor_dtypes.
+        self.factor_dtype = self.A.dtype
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.factor_dtype = self.A.dtype
+        return out
 
     @property
     def scale(self) -> float:

@@ -6,7 +6,8 @@ import contextlib
 from torch import nn
 
 from .full_tensors import is_sharded
-from .inject import FACTORS_ATTR, adapted_layers, require_adapter
+from .transformers_adapter import withdraw_adapter
+from .factors import FACTORS_ATTR, adapted_layers, require_adapter
 
 
 def _refuse_sharded(model: nn.Module, who: str) -> None:
@@ -101,6 +102,7 @@ def _unload(model: nn.Module, merge: bool, who: str, safe_merge: bool = False) -
         model.get_submodule(path).support_avx512bf16_for_cpu = previous
     delattr(model, FACTORS_ATTR)
     del model.msplora_config
+    withdraw_adapter(model)
     for name, p in model.named_parameters():
         p.requires_grad_(factors.original_requires_grad.get(name, p.requires_grad))
     return model

@@ -16,7 +16,7 @@ from .._extras import require
 from ..ops.reference import lora_factors
 from .config import WEIGHTS_NAME
 from .full_tensors import expected_shapes, whole_copies
-from .inject import adapted_layers, require_adapter, saved_modules
+from .factors import adapted_layers, require_adapter, saved_modules
 from .layer import LoraLevel
 
 
