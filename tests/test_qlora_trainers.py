@@ -148,3 +148,27 @@ def test_what_trl_casts_is_what_the_callback_restores(checkpoint, tmp_path):
 
     assert len(restore_factor_dtypes(model)) == len(mk.adapter_state_dict(model))
     assert {t.dtype for t in mk.adapter_state_dict(model).values()} == {torch.float32}
+
+
+def test_dpo_on_a_quantized_model_with_the_shared_base_as_reference(checkpoint, tmp_path):
+    trl = pytest.importorskip("trl")
+    from text_data import preferences, word_tokenizer
+
+    model = mk.apply_msplora(from_pretrained_quantized(checkpoint, "nf4-double"),
+                             mk.MSPLoraConfig(**{**CONFIG, "dropout": 0.0}))
+    reference = mk.shared_base_model(model)
+    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=5e-2,
+                         logging_steps=1, report_to=[], use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0)
+    trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args, processing_class=word_tokenizer(),
+                             train_dataset=preferences(), callbacks=[mk.SaveAdapterCallback()])
+    trainer.train()
+    losses = _losses(trainer)
+    assert abs(losses[0] - 0.6931) < 1e-3 and losses[-1] < losses[0], losses
+    assert all(t.dtype == torch.float32 for t in mk.adapter_state_dict(model).values())
+    ids = tokens()
+    model.eval()
+    with torch.no_grad(), mk.disable_adapters(model):
+        off = model(ids).logits
+    with torch.no_grad():
+        assert torch.equal(reference(ids).logits, off)
+        assert not torch.equal(model(ids).logits, off)

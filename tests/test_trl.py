@@ -1,5 +1,7 @@
 """Fine-tuning an MSPLoRA causal LM with TRL's SFTTrainer: offline, a tiny LLaMA and a data set and
 tokenizer built in code; the adapter is saved by SaveAdapterCallback and loads on a fresh base."""
+import itertools
+
 import pytest
 import torch
 
@@ -65,15 +67,10 @@ def test_dpo_without_a_second_model_takes_the_base_as_reference(tmp_path):
     rows = trainer.train_dataset
     model.eval()
 
-    def completion_logps(row, completion):
-        ids = torch.tensor([row["prompt_ids"] + row[completion]])
-        logps = model(ids).logits.float().log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
-        return logps[len(row["prompt_ids"]) - 1:].sum()
-
     with torch.no_grad():
         with mk.disable_adapters(model):
-            base = [completion_logps(row, "chosen_ids") for row in rows]
-        adapted = [completion_logps(row, "chosen_ids") for row in rows]
+            base = [_completion_logps(model, row, "chosen_ids") for row in rows]
+        adapted = [_completion_logps(model, row, "chosen_ids") for row in rows]
     ref = torch.tensor(rows["ref_chosen_logps"])
     torch.testing.assert_close(torch.stack(base), ref, rtol=1e-4, atol=1e-4)
     assert (torch.stack(adapted) - ref).abs().max() > 1e-2  # the trained adapter would score otherwise
@@ -104,3 +101,75 @@ def test_grpo_generates_with_the_factors_each_step_trained(tmp_path):
     with torch.no_grad():
         without_autograd = model(ids).logits
     torch.testing.assert_close(without_autograd, model(ids).logits.detach(), rtol=1e-5, atol=1e-5)
+
+
+def _completion_logps(model, row, completion):
+    """The summed log-probabilities of a completion's tokens after its prompt, as TRL scores them."""
+    ids = torch.tensor([row["prompt_ids"] + row[completion]])
+    logps = model(ids).logits.float().log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+    return logps[len(row["prompt_ids"]) - 1:].sum()
+
+
+@pytest.mark.parametrize("source", ["built in code", "loaded from a folder"])
+def test_dpo_scores_the_reference_with_the_shared_base_model(source, tmp_path):
+    # Without precompute_ref_log_probs TRL scores the reference at every step; for a model that is
+    # not a peft.PeftModel it would load a second base from config._name_or_path. The shared base
+    # model is that reference with no second copy of the weights.
+    torch.manual_seed(0)
+    base = tiny_llama()
+    if source == "loaded from a folder":
+        base.save_pretrained(tmp_path / "base")
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = mk.apply_msplora(base, mk.MSPLoraConfig(target_modules=["q_proj", "v_proj"], dropout=0.0))
+    reference = mk.shared_base_model(model)
+    ours = {p.data_ptr() for p in itertools.chain(model.parameters(), model.buffers())}
+    theirs = [t for t in itertools.chain(reference.parameters(), reference.buffers())]
+    assert theirs and all(t.data_ptr() in ours for t in theirs)  # one copy of the base in the process
+    args = trl.DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=4, per_device_train_batch_size=4,
+                         learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
+                         dataloader_num_workers=0, seed=0)
+    trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args, processing_class=word_tokenizer(),
+                             train_dataset=preferences())
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert abs(losses[0] - 0.6931) < 1e-3 and losses[-1] < losses[0], losses
+    # After training, the reference still scores as the policy with its adapter off, and the policy
+    # does not.
+    model.eval()
+    rows = trainer.train_dataset
+    with torch.no_grad():
+        ref = torch.stack([_completion_logps(reference, row, "chosen_ids") for row in rows])
+        with mk.disable_adapters(model):
+            off = torch.stack([_completion_logps(model, row, "chosen_ids") for row in rows])
+        on = torch.stack([_completion_logps(model, row, "chosen_ids") for row in rows])
+    assert torch.equal(ref, off)
+    assert (on - ref).abs().max() > 1e-2
+
+
+def test_kto_trains_against_the_shared_base_model(tmp_path):
+    torch.manual_seed(0)
+    model = mk.apply_msplora(tiny_llama(), mk.MSPLoraConfig(target_modules=["q_proj", "v_proj"], dropout=0.0))
+    before = {k: v.detach().clone() for k, v in mk.adapter_state_dict(model).items()}
+    n = 16
+    data = datasets.Dataset.from_dict({"prompt": ["the big cat", "the small dog"] * (n // 2),
+                                       "completion": [" sat on the mat", " ran on the log"] * (n // 2),
+                                       "label": [True, False] * (n // 2)})
+    args = trl.KTOConfig(output_dir=str(tmp_path / "kto"), max_steps=4, per_device_train_batch_size=8,
+                         learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
+                         dataloader_num_workers=0, seed=0)
+    trainer = trl.KTOTrainer(model=model, ref_model=mk.shared_base_model(model), args=args,
+                             processing_class=word_tokenizer(), train_dataset=data)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    after = mk.adapter_state_dict(model)
+    assert all(not torch.equal(after[k], v) for k, v in before.items() if k.endswith(".B"))
+
+
+def test_the_shared_base_model_refuses_a_merged_adapter():
+    model = mk.apply_msplora(tiny_llama(), mk.MSPLoraConfig(target_modules=["q_proj", "v_proj"]))
+    mk.merge_adapter(model)
+    with pytest.raises(ValueError, match="shared_base_model: .* merged .*unmerge_adapter"):
+        mk.shared_base_model(model)
