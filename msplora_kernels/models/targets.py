@@ -76,8 +76,39 @@ def _name_targets_by_place(sites: list[tuple[str, Site]]) -> None:
             site.target = _place_in_layer(stack, site).replace(".", "_")
 
 
+def _fused_expert_weights(model: nn.Module) -> list[tuple[str, tuple]]:
+    """Weights of 3 or more dimensions, by name and shape: a mixture of experts' fused expert
+    weights (transformers 5 keeps Mixtral's and Qwen-MoE's experts as (experts, out, in) tensors)."""
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters() if p.dim() >= 3 and p.is_floating_point()]
+
+
+def _refuse_skipped_experts(model: nn.Module, config: MSPLoraConfig, linears: list) -> None:
+    """MSPLoRA adapts nn.Linear and Conv1D layers. Fused expert weights are none, so "all-linear",
+    or a target naming the experts, would leave them out without a word: refuse instead."""
+    experts = _fused_expert_weights(model)
+    if not experts:
+        return
+    if config.target_modules == ALL_LINEAR:
+        named = experts
+    elif isinstance(config.target_modules, str):
+        named = [(n, s) for n, s in experts if matches(n.rpartition(".")[0], config.target_modules)
+                 or matches(n, config.target_modules)]
+    else:
+        named = [(n, s) for n, s in experts for t in config.target_modules
+                 if matches(n.rpartition(".")[0], [t]) or matches(n, [t])]
+    if not named:
+        return
+    shown = ", ".join(f"{n} {s}" for n, s in named[:4]) + (f" and {len(named) - 4} more" if len(named) > 4 else "")
+    layer_names = sorted({p.rsplit(".", 1)[-1] for p, _ in linears if layer_position(p, config.layers_pattern)})
+    raise ValueError(f"apply_msplora: target_modules={config.target_modules!r} reaches fused expert weights, which "
+                     f"MSPLoRA does not adapt (it adapts nn.Linear and Conv1D layers): {shown}. They would stay "
+                     f"frozen. Name the linear layers to adapt instead, knowing the experts stay frozen: for this "
+                     f"model target_modules={layer_names!r}, or a subset")
+
+
 def find_sites(model: nn.Module, config: MSPLoraConfig) -> list[Site]:
     linears = [(p, m) for p, m in model.named_modules() if p and (isinstance(m, nn.Linear) or is_conv1d(m))]
+    _refuse_skipped_experts(model, config, linears)
     found = [(p, m) for p, m in linears if _targeted(p, config)]
     if not found:
         names = [p for p, _ in linears][:12]
