@@ -39,3 +39,18 @@ def randomize_adapter(model, std=0.05):
 
 def tokens(batch=3, length=10, vocab=100):
     return torch.randint(0, vocab, (batch, length))
+
+
+class CountingSequences(torch.utils.data.Dataset):
+    """A causal-LM data set for Trainer runs, with a pattern to learn: each row counts up from a
+    random start (the same rows for one seed)."""
+
+    def __init__(self, n=32, length=12, seed=0):
+        start = torch.randint(0, 80, (n, 1), generator=torch.Generator().manual_seed(seed))
+        self.ids = start + torch.arange(length)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}

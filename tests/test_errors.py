@@ -1,4 +1,4 @@
-"""The catalogue of errors users can hit (README, "Errors"): each row of that table is a case here,
+"""The catalogue of errors users can hit (docs/errors.md): each row of that table is a case here,
 and each case checks the exception type and the message the table quotes."""
 import re
 from pathlib import Path
@@ -11,7 +11,7 @@ import msplora_kernels as mk
 from helpers import make_problem
 from models import tiny_bert, tiny_llama
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ERRORS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 
 
 def _problem():
@@ -148,7 +148,7 @@ def e_adapter_keys(tmp_path):
     mk.load_adapter(model, tmp_path)
 
 
-# id: (trigger, exception, the message as the README quotes it)
+# id: (trigger, exception, the message as docs/errors.md quotes it)
 CATALOGUE = {
     "E01": (e_last_dim, ValueError, "x has last dimension 15 (shape (4, 15)) but weight has shape (12, 16)"),
     "E02": (e_rank_mismatch, ValueError, "rank mismatch at level 1: As[1] has shape (16, 2) (rank 2) but Bs[1] has shape (3, 12) (rank 3)"),
@@ -189,11 +189,11 @@ def test_catalogued_error(eid, tmp_path):
 
 def test_readme_table_matches_catalogue():
     rows = {}
-    for line in README.read_text().splitlines():
+    for line in ERRORS_PAGE.read_text().splitlines():
         m = re.match(r"\| (E\d\d) \| .* \| `(\w+)` \| (.*) \|$", line)
         if m:
             rows[m.group(1)] = (m.group(2), m.group(3))
-    assert sorted(rows) == sorted(CATALOGUE), "README error table and tests/test_errors.py disagree"
+    assert sorted(rows) == sorted(CATALOGUE), "docs/errors.md's table and tests/test_errors.py disagree"
     for eid, (exc_name, quoted) in rows.items():
         _, exc, message = CATALOGUE[eid]
         assert exc_name == exc.__name__, eid

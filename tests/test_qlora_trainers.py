@@ -3,30 +3,15 @@ apply_msplora, trained by the stock transformers.Trainer and TRL's SFTTrainer (c
 resume, reload), on the CPU with a tiny LLaMA written in the test."""
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 import msplora_kernels as mk
-from models import tokens
+from models import CountingSequences, tokens
 from quantized_models import KINDS, from_pretrained_quantized, write_checkpoint
 
 pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 
 CONFIG = dict(target_modules=["q_proj", "v_proj"], ranks=(8, 4, 2), lora_alpha=16, dropout=0.05)
-
-
-class Sequences(Dataset):
-    """Causal-LM examples with a pattern to learn: each sequence counts up from a random start."""
-
-    def __init__(self, n=32, length=12):
-        start = torch.randint(0, 80, (n, 1), generator=torch.Generator().manual_seed(0))
-        self.ids = start + torch.arange(length)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +37,7 @@ def test_the_trainer_trains_a_model_quantized_by_transformers(checkpoint, kind, 
     q_proj = model.model.layers[0].self_attn.q_proj
     quantized_before = q_proj.base_layer.weight.detach().clone()
     args = _args(tmp_path, activation_checkpointing=gradient_checkpointing)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Sequences(),
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=CountingSequences(),
                                    callbacks=[mk.SaveAdapterCallback()])
     trainer.train()
     losses = _losses(trainer)
@@ -72,7 +57,7 @@ def _run(checkpoint, kind, out, resume_from=None):
     base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint) if kind == "float" else \
         from_pretrained_quantized(checkpoint, kind)
     model = mk.apply_msplora(base, mk.MSPLoraConfig(**CONFIG))
-    trainer = transformers.Trainer(model=model, args=_args(out), train_dataset=Sequences(),
+    trainer = transformers.Trainer(model=model, args=_args(out), train_dataset=CountingSequences(),
                                    callbacks=[mk.SaveAdapterCallback()])
     trainer.train(resume_from_checkpoint=resume_from)
     return model, trainer
@@ -95,12 +80,12 @@ def test_resuming_from_a_checkpoint_continues_exactly(checkpoint, kind, tmp_path
 
 def test_without_the_callback_resuming_fails_loudly_not_silently(checkpoint, tmp_path):
     model = mk.apply_msplora(from_pretrained_quantized(checkpoint, "nf4-double"), mk.MSPLoraConfig(**CONFIG))
-    transformers.Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=Sequences()).train()
+    transformers.Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=CountingSequences()).train()
     fresh = mk.apply_msplora(from_pretrained_quantized(checkpoint, "nf4-double"), mk.MSPLoraConfig(**CONFIG))
     # transformers' own adapters (model.add_adapter) fail here the same way: the Trainer resumes
     # only a peft.PeftModel from an adapter file.
     with pytest.raises(ValueError, match="checkpoint index"):
-        transformers.Trainer(model=fresh, args=_args(tmp_path, max_steps=6), train_dataset=Sequences()).train(
+        transformers.Trainer(model=fresh, args=_args(tmp_path, max_steps=6), train_dataset=CountingSequences()).train(
             resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
 
 

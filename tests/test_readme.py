@@ -1,5 +1,5 @@
-"""The README runs as written: every python block executes, and every command of its bash blocks
-names a make target, script or module that exists and answers --help."""
+"""The README and the docs run as written: every python block executes, and every command of
+their bash blocks names a make target, script or module that exists and answers --help."""
 import copy
 import re
 import shlex
@@ -11,12 +11,23 @@ import pytest
 import torch
 
 import msplora_kernels as mk
-from models import tiny_bert, tiny_llama
+from models import CountingSequences, tiny_bert, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
+
+
+def _blocks(language: str) -> list[tuple[str, str]]:
+    """(page:index, block) for every fenced block of `language` in the README and the docs."""
+    found = []
+    for page in PAGES:
+        blocks = re.findall(rf"```{language}\n(.*?)```", page.read_text(), flags=re.S)
+        found += [(f"{page.relative_to(ROOT)}:{i}", block) for i, block in enumerate(blocks)]
+    return found
+
+
+PYTHON_BLOCKS = _blocks("python")
+BASH_BLOCKS = [block for _, block in _blocks("bash")]
 
 
 def names_the_block_needs(block: str) -> dict:
@@ -26,11 +37,14 @@ def names_the_block_needs(block: str) -> dict:
         # A tiny BERT classifier, as the Hugging Face block's `model` and `base_model`.
         given["model"] = tiny_bert()
         given["base_model"] = copy.deepcopy(given["model"])
-    if "BitsAndBytesConfig" in block:
-        # A tiny LLaMA checkpoint to load quantized (hidden 64: bitsandbytes' 4-bit block size).
-        pytest.importorskip("bitsandbytes")
+    if "from_pretrained(path" in block:
+        # A tiny LLaMA checkpoint (hidden 64: bitsandbytes' 4-bit block size, for the QLoRA blocks).
+        if "BitsAndBytesConfig" in block:
+            pytest.importorskip("bitsandbytes")
         given["path"] = str(Path.cwd() / "tiny-llama")
         tiny_llama(hidden=64).save_pretrained(given["path"])
+    if "train_dataset=dataset" in block:
+        given["dataset"] = CountingSequences(n=16)
     if "DPOTrainer" in block:
         # A tiny LLaMA, a tokenizer made in code and a few preference pairs (nothing downloaded).
         pytest.importorskip("trl")
@@ -45,15 +59,16 @@ def names_the_block_needs(block: str) -> dict:
     return given
 
 
-def test_the_readme_has_the_blocks_this_test_knows():
-    assert len(PYTHON_BLOCKS) >= 4 and BASH_BLOCKS
+def test_the_pages_have_the_blocks_this_test_knows():
+    assert len(PYTHON_BLOCKS) >= 8 and BASH_BLOCKS
+    assert sum(where.startswith("README.md") for where, _ in PYTHON_BLOCKS) >= 3
 
 
-@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[f"python-{i}" for i in range(len(PYTHON_BLOCKS))])
+@pytest.mark.parametrize("block", [b for _, b in PYTHON_BLOCKS], ids=[where for where, _ in PYTHON_BLOCKS])
 def test_python_block_runs(block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     settings = {name: v["value"] for name, v in mk.backend_info()["settings"].items()}
-    exec(compile(block, "README.md", "exec"), {"__name__": "readme", **names_the_block_needs(block)})
+    exec(compile(block, "<docs block>", "exec"), {"__name__": "readme", **names_the_block_needs(block)})
     # A block that changes a setting puts it back.
     assert {name: v["value"] for name, v in mk.backend_info()["settings"].items()} == settings
 
@@ -74,7 +89,7 @@ def test_bash_command_exists(argv):
         assert all(a == "torch" or (a == "." and (ROOT / "setup.py").is_file()) for a in argv[2:]), argv
         return
     if argv[0] == "make":
-        targets = re.findall(r"^([a-z]+):", (ROOT / "Makefile").read_text(), flags=re.M)
+        targets = re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), flags=re.M)
         assert argv[1] in targets, f"no make target {argv[1]}"
         return
     assert argv[0] == "python", argv
