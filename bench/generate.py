@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -141,7 +140,7 @@ def main(argv=None) -> int:
           f"median of {args.repeats} rounds")
     print(table(records))
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": report.metadata("cpu", dtype), "records": records}, indent=2))
+        report.write_json(args.json, report.metadata("cpu", dtype), records)
         print(f"wrote {args.json}")
     return 0
 

@@ -117,7 +117,7 @@ def records(args) -> list[dict]:
 def _records_for(args, shape, quantize) -> list[dict]:
     import timing
     from methods import PAPER_DROPOUT
-    from throughput import progress_bar, time_all
+    from runs import progress_bar, time_all
 
     base = _base(shape, args.device, args.dtype, quantize)
     targets = TARGETS[args.targets]

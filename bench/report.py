@@ -16,6 +16,8 @@ from msplora_kernels.ops.cpu_info import cpu_info, cpu_label
 from msplora_kernels.ops.backends import triton_gemm_choices
 from msplora_kernels.ops.native import gemm_choices
 
+import results_index  # bench/'s own, beside this file
+
 
 def device_name(device) -> str:
     if torch.device(device).type == "cuda":
@@ -160,8 +162,12 @@ def table(records: list[dict]) -> str:
 
 
 def write_json(path, meta: dict, records: list[dict]) -> None:
+    """Write the run; a run written into bench/results/ (a run to commit) also gets its row in the
+    results index."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
+    if results_index.in_results(path):
+        results_index.append(Path(path))
 
 
 def plot(path, meta: dict, records: list[dict]) -> None:
