@@ -11,7 +11,7 @@ from .errors import AdapterMismatchError, DtypeMismatchError, IncompleteAdapterE
 from .models.adapter_io import adapter_state_dict, load_adapter, load_msplora, save_adapter
 from .models.config import MSPLoraConfig
 from .models.counts import print_trainable_parameters, summary
-from .models.hub import push_to_hub
+from .models.hub_upload import push_to_hub
 from .models.factors import adapted_layers
 from .models.inject import apply_msplora
 from .models.layer import LoraLevel, MSPLoraLinear

@@ -76,16 +76,24 @@ def _name_targets_by_place(sites: list[tuple[str, Site]]) -> None:
             site.target = _place_in_layer(stack, site).replace(".", "_")
 
 
-def _fused_expert_weights(model: nn.Module) -> list[tuple[str, tuple]]:
-    """Weights of 3 or more dimensions, by name and shape: a mixture of experts' fused expert
-    weights (transformers 5 keeps Mixtral's and Qwen-MoE's experts as (experts, out, in) tensors)."""
-    return [(name, tuple(p.shape)) for name, p in model.named_parameters() if p.dim() >= 3 and p.is_floating_point()]
+def _fused_expert_weights(model: nn.Module, layers_pattern) -> list[tuple[str, tuple]]:
+    """A mixture of experts' fused expert weights, by name and shape: transformers 5 keeps
+    Mixtral's and Qwen-MoE's experts as (experts, out, in) tensors, inside the stack of layers.
+    Convolutions' 3-D weights and tensors outside the layers (ViT's position embeddings) are not."""
+    found = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd) or layer_position(path, layers_pattern) is None:
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.dim() == 3 and p.is_floating_point():
+                found.append((f"{path}.{name}", tuple(p.shape)))
+    return found
 
 
 def _refuse_skipped_experts(model: nn.Module, config: MSPLoraConfig, linears: list) -> None:
     """MSPLoRA adapts nn.Linear and Conv1D layers. Fused expert weights are none, so "all-linear",
     or a target naming the experts, would leave them out without a word: refuse instead."""
-    experts = _fused_expert_weights(model)
+    experts = _fused_expert_weights(model, config.layers_pattern)
     if not experts:
         return
     if config.target_modules == ALL_LINEAR:

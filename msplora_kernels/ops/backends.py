@@ -15,9 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from .._extras import install_hint
-from . import native, settings
-
-_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from . import contract, native, settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,10 +146,10 @@ BACKENDS = {
                 keeps_dropped_input=True, keeps_mask_bits=True,
                 gemm_library=lambda: f"ATen, oneDNN or our kernels per GEMM and shape class (cpu_gemm={settings.get('cpu_gemm')}); "
                                      f"{len(native.gemm_choices())} chosen so far; {_choices_kept_where()}"),
-        Backend("cuda", "the compiled CUDA op (csrc/cuda)", ("cuda",), _GPU_DTYPES, _native_ops,
+        Backend("cuda", "the compiled CUDA op (csrc/cuda)", ("cuda",), contract.GPU_DTYPES, _native_ops,
                 _native_why_not("CUDA", "cuda"),
                 gemm_library=lambda: f"frozen GEMMs on cuBLAS, rank-R products: {cuda_skinny_library()}"),
-        Backend("triton", "the Triton kernels (triton_kernels/)", ("cuda", "cpu"), _GPU_DTYPES, _triton_ops,
+        Backend("triton", "the Triton kernels (triton_kernels/)", ("cuda", "cpu"), contract.GPU_DTYPES, _triton_ops,
                 _triton_why_not, one_pass_forward=_triton_one_pass, keeps_mask_bits=True,
                 gemm_library=lambda: f"frozen GEMMs fused in Triton or on cuBLAS (triton_gemm="
                                      f"{settings.get('triton_gemm')}; {len(triton_gemm_choices())} chosen so far), "

@@ -28,6 +28,9 @@ class OpSpec:
     mask_outputs: tuple = ()  # indices of the outputs that are int32 packed masks
 
 
+# The dtypes the GPU kernels (cuda, triton) compute in: no float64 on tensor cores.
+GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 # W = ceil(K / 32): a packed mask holds bit k % 32 of word k // 32 per row, set where dropout keeps
 # element k of that row (bits past K are 0).
 MASK_WORD_BITS = 32

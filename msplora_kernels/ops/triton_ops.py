@@ -13,10 +13,9 @@ from torch.library import triton_op
 
 from ..triton_kernels import gemm_paths, launchers
 from . import contract, derivatives, settings
-from .backends import BACKENDS
 
 NAMESPACE = "msplora_triton"
-DTYPES = BACKENDS["triton"].dtypes
+DTYPES = contract.GPU_DTYPES
 
 
 def _checked(name: str, launch):
