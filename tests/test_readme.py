@@ -45,12 +45,15 @@ def names_the_block_needs(block: str) -> dict:
         tiny_llama(hidden=64).save_pretrained(given["path"])
     if "train_dataset=dataset" in block:
         given["dataset"] = CountingSequences(n=16)
-    if "DPOTrainer" in block:
-        # A tiny LLaMA, a tokenizer made in code and a few preference pairs (nothing downloaded).
+    if "Trainer(model=model" in block and "tokenizer" in block:
+        # TRL's trainers: a tiny LLaMA, a tokenizer made in code and small data sets of each shape
+        # TRL takes (nothing downloaded).
         pytest.importorskip("trl")
-        from text_data import preferences, word_tokenizer
+        datasets = pytest.importorskip("datasets")
+        from text_data import feedback, preferences, prompts, sentences, word_tokenizer
 
-        given.update(model=tiny_llama(), tokenizer=word_tokenizer(), preferences=preferences())
+        given.update(model=tiny_llama(), tokenizer=word_tokenizer(), preferences=preferences(), feedback=feedback(),
+                     texts=datasets.Dataset.from_dict({"text": sentences(16)}), prompts=prompts())
     if "msplora_linear(x, weight" in block:
         x, weight, bias = torch.randn(4, 10, 64), torch.randn(32, 64) / 8, torch.randn(32)
         ranks = (8, 4, 2)

@@ -7,7 +7,7 @@ import torch
 
 import msplora_kernels as mk
 from models import tiny_llama
-from text_data import preferences, sentences, word_tokenizer
+from text_data import feedback, preferences, prompts, sentences, word_tokenizer
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -90,8 +90,7 @@ def test_grpo_generates_with_the_factors_each_step_trained(tmp_path):
                           num_generations=4, max_completion_length=6, learning_rate=5e-2, logging_steps=1,
                           report_to=[], use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0)
     trainer = trl.GRPOTrainer(model=model, reward_funcs=distinct_words, args=args, processing_class=tok,
-                              train_dataset=datasets.Dataset.from_dict({"prompt": ["the big", "the small", "a red",
-                                                                                   "a blue"] * 4}))
+                              train_dataset=prompts())
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 3 and any(entry["loss"] != 0 for entry in logged), logged
@@ -152,15 +151,11 @@ def test_kto_trains_against_the_shared_base_model(tmp_path):
     torch.manual_seed(0)
     model = mk.apply_msplora(tiny_llama(), mk.MSPLoraConfig(target_modules=["q_proj", "v_proj"], dropout=0.0))
     before = {k: v.detach().clone() for k, v in mk.adapter_state_dict(model).items()}
-    n = 16
-    data = datasets.Dataset.from_dict({"prompt": ["the big cat", "the small dog"] * (n // 2),
-                                       "completion": [" sat on the mat", " ran on the log"] * (n // 2),
-                                       "label": [True, False] * (n // 2)})
     args = trl.KTOConfig(output_dir=str(tmp_path / "kto"), max_steps=4, per_device_train_batch_size=8,
                          learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
                          dataloader_num_workers=0, seed=0)
     trainer = trl.KTOTrainer(model=model, ref_model=mk.shared_base_model(model), args=args,
-                             processing_class=word_tokenizer(), train_dataset=data)
+                             processing_class=word_tokenizer(), train_dataset=feedback())
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 4 and losses[-1] < losses[0], losses

@@ -33,3 +33,19 @@ def preferences(n=16):
     prompts = ["the big cat", "the small dog", "the red mat", "a blue log"] * (n // 4)
     return datasets.Dataset.from_dict({"prompt": prompts, "chosen": [" sat on the mat"] * n,
                                        "rejected": [" ran on the log"] * n})
+
+
+def feedback(n=16):
+    """A KTO data set: completions labelled desirable (True) or not."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"prompt": ["the big cat", "the small dog"] * (n // 2),
+                                       "completion": [" sat on the mat", " ran on the log"] * (n // 2),
+                                       "label": [True, False] * (n // 2)})
+
+
+def prompts(n=16):
+    """A GRPO data set: prompts to complete."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"prompt": ["the big", "the small", "a red", "a blue"] * (n // 4)})
