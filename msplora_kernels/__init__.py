@@ -9,6 +9,8 @@ from ._extras import MissingExtraError
 from ._version import __version__
 from .errors import AdapterMismatchError, DtypeMismatchError, IncompleteAdapterError
 from .models.adapter_io import adapter_state_dict, load_adapter, load_msplora, save_adapter
+from .models.adapters import (active_adapters, adapter_names, add_weighted_adapter, delete_adapter, set_adapter,
+                              using_adapter)
 from .models.config import MSPLoraConfig
 from .models.counts import print_trainable_parameters, summary
 from .models.hub_upload import push_to_hub
@@ -40,6 +42,12 @@ def __getattr__(name):
 
 
 __all__ = [
+    "using_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "add_weighted_adapter",
+    "adapter_names",
+    "active_adapters",
     "AdapterMismatchError",
     "IncompleteAdapterError",
     "DtypeMismatchError",

@@ -143,7 +143,7 @@ def test_bad_configs_are_clear():
     with pytest.raises(ValueError, match="not inside a stack of layers"):
         mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig(target_modules=["classifier"]))
     model = mk.apply_msplora(tiny_bert(), mk.MSPLoraConfig())
-    with pytest.raises(ValueError, match="already has MSPLoRA"):
+    with pytest.raises(ValueError, match="already has an adapter named .default.*pick another adapter_name"):
         mk.apply_msplora(model, mk.MSPLoraConfig())
 
 

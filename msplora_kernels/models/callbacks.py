@@ -50,8 +50,8 @@ class SaveAdapterCallback(trainer_callback_base()):
         if model is not None:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             save_adapter(model, folder)
-            if args.should_save and not os.path.exists(os.path.join(folder, "model.safetensors")):
-                write_resume_index(model, folder)
+            if not os.path.exists(os.path.join(folder, "model.safetensors")):
+                write_resume_index(model, folder)  # every rank: other adapters' tensors are gathered
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is not None:

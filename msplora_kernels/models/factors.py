@@ -1,33 +1,29 @@
-"""The root container of an adapter's shared levels and the lookups on it.
+"""The root container of a model's adapters' shared levels and the lookups on it.
 
 Shared levels (a level with a group count) live once, in one container registered at the
 model's root (`model.msplora_factors`); adapted layers only reference them. So
-model.parameters(), state_dict, DDP and FSDP2 see every tensor once.
+model.parameters(), state_dict, DDP and FSDP2 see every tensor once. The adapter named
+"default" keeps its shared levels in the root container itself (`msplora_factors.targets`), the
+names its files use; every other adapter in `msplora_factors.adapters[name]`.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 from torch import nn
 
 from .config import MSPLoraConfig
-from .layer import LoraLevel, MSPLoraLinear
+from .layer import DEFAULT_ADAPTER, LoraLevel, MSPLoraLinear
 
 FACTORS_ATTR = "msplora_factors"
 
 
-class MSPLoraFactors(nn.Module):
-    """The root container of shared levels, factors[target][f"level{l}"][f"group{g}"], and of a
-    frozen copy of each module in modules_to_save as it was (original_modules[i] for
-    saved_module_paths[i]), which disable_adapters puts back while it is active, as PEFT does."""
+class AdapterFactors(nn.Module):
+    """One adapter's shared levels, targets[target][f"level{l}"][f"group{g}"]."""
 
     def __init__(self):
         super().__init__()
         self.targets = nn.ModuleDict()
-        self.original_modules = nn.ModuleList()
-        self.original_requires_grad: dict[str, bool] = {}
-        self.layer_paths: list[str] = []
-        self.saved_module_paths: list[str] = []
-        # path -> bitsandbytes' CPU inference-layout switch of each 4-bit layer before MSPLoRA.
-        self.quantized_cpu_inference: dict[str, bool] = {}
 
     def get_or_create(self, target: str, level: int, group: int, make) -> LoraLevel:
         if target not in self.targets:
@@ -39,6 +35,34 @@ class MSPLoraFactors(nn.Module):
         if f"group{group}" not in groups:
             groups[f"group{group}"] = make()
         return groups[f"group{group}"]
+
+
+class MSPLoraFactors(AdapterFactors):
+    """The root container: the "default" adapter's shared levels (its own `targets`), every other
+    adapter's in adapters[name], each adapter's config (configs, in the order they were added)
+    and which are active; and, for the model as it was before any adapter, a frozen copy of each
+    module in modules_to_save (original_modules[i] for saved_module_paths[i]), which
+    disable_adapters puts back while it is active, as PEFT does."""
+
+    def __init__(self):
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self.configs: dict[str, MSPLoraConfig] = {}
+        self.active: tuple = ()
+        self.original_modules = nn.ModuleList()
+        self.original_requires_grad: dict[str, bool] = {}
+        self.layer_paths: list[str] = []
+        self.saved_module_paths: list[str] = []
+        # path -> bitsandbytes' CPU inference-layout switch of each 4-bit layer before MSPLoRA.
+        self.quantized_cpu_inference: dict[str, bool] = {}
+
+    def shared_levels(self, adapter_name: str) -> AdapterFactors:
+        """The container of one adapter's shared levels, made when first asked for."""
+        if adapter_name == DEFAULT_ADAPTER:
+            return self
+        if adapter_name not in self.adapters:
+            self.adapters[adapter_name] = AdapterFactors()
+        return self.adapters[adapter_name]
 
 
 def saved_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -56,3 +80,18 @@ def require_adapter(model: nn.Module, who: str) -> MSPLoraConfig:
     if config is None or not hasattr(model, FACTORS_ATTR):
         raise ValueError(f"{who}: the model has no MSPLoRA adapter; call apply_msplora or load_msplora first")
     return config
+
+
+def adapter_named(model: nn.Module, who: str, adapter_name: Optional[str] = None) -> str:
+    """The adapter a call is about: `adapter_name`, or where it is None the one active adapter."""
+    require_adapter(model, who)
+    factors = getattr(model, FACTORS_ATTR)
+    if adapter_name is None:
+        if len(factors.active) != 1:
+            raise ValueError(f"{who}: {'no adapter is' if not factors.active else 'several adapters are'} active "
+                             f"({list(factors.active)}); name one with adapter_name= (the model has "
+                             f"{list(factors.configs)})")
+        return factors.active[0]
+    if adapter_name not in factors.configs:
+        raise ValueError(f"{who}: the model has no adapter named {adapter_name!r}; it has {list(factors.configs)}")
+    return adapter_name

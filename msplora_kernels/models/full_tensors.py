@@ -13,10 +13,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import nn
 
 from ..errors import IncompleteAdapterError
-from .layer import LoraLevel
 
 
 def is_zero3_partitioned(p: torch.Tensor) -> bool:
@@ -32,17 +30,6 @@ def is_dtensor(p: torch.Tensor) -> bool:
 def is_sharded(p: torch.Tensor) -> bool:
     """Whether an engine holds only part of p on this rank (ZeRO-3 or an FSDP2 DTensor)."""
     return is_zero3_partitioned(p) or is_dtensor(p)
-
-
-def expected_shapes(model: nn.Module, names: dict) -> dict[str, tuple]:
-    """The whole shape of each named tensor: a level's from its sizes and rank, any other from
-    what ZeRO-3 records (ds_shape) or from the tensor (a DTensor's shape is the whole one)."""
-    shapes = {}
-    for prefix, module in model.named_modules():
-        if isinstance(module, LoraLevel):
-            shapes[f"{prefix}.A"] = (module.in_features, module.rank)
-            shapes[f"{prefix}.B"] = (module.rank, module.out_features)
-    return {k: shapes.get(k) or tuple(getattr(t, "ds_shape", t.shape)) for k, t in names.items()}
 
 
 @contextlib.contextmanager

@@ -8,14 +8,15 @@ tensor once.
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 from torch import nn
 
 from .base_layers import compute_dtype, hold_trainable_layout, linear_features
 from .config import MSPLoraConfig, group_of
-from .factors import FACTORS_ATTR, MSPLoraFactors
-from .layer import LoraLevel, MSPLoraLinear
+from .factors import FACTORS_ATTR, MSPLoraFactors, adapted_layers
+from .layer import DEFAULT_ADAPTER, LoraLevel, MSPLoraLinear
 from .transformers_adapter import announce_adapter
 from .targets import Site, find_sites, matches
 
@@ -28,16 +29,128 @@ def adapter_dtype_for(weight_dtype: torch.dtype, autocast_adapter_dtype: bool) -
     return weight_dtype
 
 
-def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_dtype: bool = True) -> nn.Module:
+_ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+def check_adapter_name(name, who: str) -> None:
+    # A name becomes part of module names (own_levels keys, adapters[name]): no dots.
+    if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
+        raise ValueError(f"{who}: adapter_name must be a name of letters, digits, '_' and '-' that starts with a "
+                         f"letter or '_', got {name!r}")
+
+
+def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_dtype: bool = True,
+                  adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Replace the targeted nn.Linear layers of `model` in place with MSPLoraLinear, freeze
     everything else, and return the model. Works on models built on the meta device.
-    Factors on a float16/bfloat16 base are kept in float32 unless autocast_adapter_dtype=False."""
+    Factors on a float16/bfloat16 base are kept in float32 unless autocast_adapter_dtype=False.
+
+    On a model that has adapters already, this adds one more, named `adapter_name`, with its own
+    config and its own shared levels; it stays inactive (and frozen) until set_adapter names it,
+    as PEFT's add_adapter does."""
     if not isinstance(config, MSPLoraConfig):
         raise TypeError(f"apply_msplora: config must be an MSPLoraConfig, got {type(config).__name__}")
-    if hasattr(model, FACTORS_ATTR) or any(isinstance(m, MSPLoraLinear) for m in model.modules()):
+    check_adapter_name(adapter_name, "apply_msplora")
+    existing = getattr(model, FACTORS_ATTR, None)
+    if existing is None and any(isinstance(m, MSPLoraLinear) for m in model.modules()):
         raise ValueError("apply_msplora: the model already has MSPLoRA layers; unload it first")
+    if existing is not None:
+        _check_another_adapter(model, existing, config, adapter_name)
     sites = find_sites(model, config)
-    # Layers that share a factor must agree in shape; name the first pair that does not.
+    _check_sharing(sites, config)
+
+    if existing is None:
+        factors = MSPLoraFactors()
+        factors.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        # The modules to train in full, copied as they are before anything changes.
+        factors.saved_module_paths = [path for path, _ in model.named_modules()
+                                      if path and config.modules_to_save and matches(path, config.modules_to_save)]
+        for path in factors.saved_module_paths:
+            factors.original_modules.append(copy.deepcopy(model.get_submodule(path)).requires_grad_(False))
+        # Every 4-bit layer of the model, adapted or not, keeps a layout that trains (base_layers.py).
+        for path, module in model.named_modules():
+            previous = hold_trainable_layout(module)
+            if previous is not None:
+                factors.quantized_cpu_inference[path] = previous
+        for p in model.parameters():
+            p.requires_grad_(False)
+    else:
+        factors = existing
+    shared = factors.shared_levels(adapter_name)
+    for site in sites:
+        current = model.get_submodule(site.path)
+        base = current.to_linear() if isinstance(current, MSPLoraLinear) else site.linear
+        dtype = adapter_dtype_for(compute_dtype(base), autocast_adapter_dtype)
+        device = (base.weight if base.weight is not None else next(base.parameters())).device
+
+        def make(rank, alpha, base=base, device=device, dtype=dtype):
+            return lambda: LoraLevel(*linear_features(base), rank, alpha, use_rslora=config.use_rslora,
+                                     init_lora_weights=config.init_lora_weights, device=device, dtype=dtype)
+
+        levels = [
+            None if g is None else shared.get_or_create(site.target, level, group_of(site.layer, site.num_layers, g),
+                                                        make(site.ranks[level], config.alphas[level]))
+            for level, g in enumerate(config.groups)
+        ]
+        if isinstance(current, MSPLoraLinear):
+            current.add_adapter(adapter_name, ranks=site.ranks, lora_alpha=config.alphas, use_rslora=config.use_rslora,
+                                levels=levels, dropout=config.dropout, device=device, dtype=dtype)
+            continue
+        layer = MSPLoraLinear.from_linear(site.linear, ranks=site.ranks, lora_alpha=config.alphas,
+                                          use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
+                                          dropout=config.dropout, levels=levels, backend=config.backend, dtype=dtype,
+                                          adapter_name=adapter_name)
+        parent_path, _, attr = site.path.rpartition(".")
+        setattr(model.get_submodule(parent_path), attr, layer)
+        factors.layer_paths.append(site.path)
+    for path in factors.saved_module_paths:
+        model.get_submodule(path).requires_grad_(True)
+    if existing is None:
+        model.add_module(FACTORS_ATTR, factors)
+    factors.configs[adapter_name] = config
+    activate(model, factors.active or (adapter_name,))
+    return model
+
+
+def activate(model: nn.Module, names: tuple) -> None:
+    """Make the adapters `names` the active ones in every layer: they compute and train, and the
+    others are frozen."""
+    factors = getattr(model, FACTORS_ATTR)
+    for _, layer in adapted_layers(model):
+        layer.set_active(names)
+    factors.active = tuple(names)
+    for name in factors.configs:
+        for lvl in adapter_levels(model, name):
+            lvl.requires_grad_(name in names)
+    model.msplora_config = factors.configs[names[0]]
+    announce_adapter(model, factors)
+
+
+def adapter_levels(model: nn.Module, name: str) -> list[LoraLevel]:
+    """Every level of one adapter, once."""
+    seen = {}
+    for _, layer in adapted_layers(model):
+        for lvl in layer.adapter_levels.get(name, ()):
+            seen[id(lvl)] = lvl
+    return list(seen.values())
+
+
+def _check_another_adapter(model: nn.Module, factors: MSPLoraFactors, config: MSPLoraConfig, name: str) -> None:
+    if name in factors.configs:
+        raise ValueError(f"apply_msplora: the model already has an adapter named {name!r} (it has "
+                         f"{list(factors.configs)}); pick another adapter_name, or delete_adapter it first")
+    if config.modules_to_save or any(c.modules_to_save for c in factors.configs.values()):
+        raise ValueError("apply_msplora: modules_to_save with several adapters on one model is not supported yet "
+                         "(each adapter would need its own trained copy); give the adapters no modules_to_save, or "
+                         "use one adapter per model")
+    merged = [path for path, layer in adapted_layers(model) if layer.merged]
+    if merged:
+        raise ValueError(f"apply_msplora: {len(merged)} layers have an adapter merged into their weight (e.g. "
+                         f"{merged[0]}); unmerge_adapter first")
+
+
+def _check_sharing(sites: list[Site], config: MSPLoraConfig) -> None:
+    """Layers that share a factor must agree in shape and rank; name the first pair that does not."""
     owners: dict[tuple, Site] = {}
     for site in sites:
         for level, g in enumerate(config.groups):
@@ -54,43 +167,3 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_d
                                  f"{site.path} rank {site.ranks[level]} at level {level}, which they share (target "
                                  f"{site.target!r}); give every layer that shares a level one rank for it, or change "
                                  f"only the per-layer level")
-
-    factors = MSPLoraFactors()
-    factors.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    # The modules to train in full, copied as they are before anything changes.
-    factors.saved_module_paths = [path for path, _ in model.named_modules()
-                                  if path and config.modules_to_save and matches(path, config.modules_to_save)]
-    for path in factors.saved_module_paths:
-        factors.original_modules.append(copy.deepcopy(model.get_submodule(path)).requires_grad_(False))
-    # Every 4-bit layer of the model, adapted or not, keeps a layout that trains (base_layers.py).
-    for path, module in model.named_modules():
-        previous = hold_trainable_layout(module)
-        if previous is not None:
-            factors.quantized_cpu_inference[path] = previous
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for site in sites:
-        w = site.linear.weight
-        dtype = adapter_dtype_for(compute_dtype(site.linear), autocast_adapter_dtype)
-
-        def make(rank, alpha, site=site, w=w, dtype=dtype):
-            return lambda: LoraLevel(*linear_features(site.linear), rank, alpha, use_rslora=config.use_rslora,
-                                     init_lora_weights=config.init_lora_weights, device=w.device, dtype=dtype)
-
-        levels = [
-            None if g is None else factors.get_or_create(site.target, level, group_of(site.layer, site.num_layers, g),
-                                                         make(site.ranks[level], config.alphas[level]))
-            for level, g in enumerate(config.groups)
-        ]
-        layer = MSPLoraLinear.from_linear(site.linear, ranks=site.ranks, lora_alpha=config.alphas, use_rslora=config.use_rslora,
-                                          init_lora_weights=config.init_lora_weights, dropout=config.dropout,
-                                          levels=levels, backend=config.backend, dtype=dtype)
-        parent_path, _, attr = site.path.rpartition(".")
-        setattr(model.get_submodule(parent_path), attr, layer)
-        factors.layer_paths.append(site.path)
-    for path in factors.saved_module_paths:
-        model.get_submodule(path).requires_grad_(True)
-    model.add_module(FACTORS_ATTR, factors)
-    model.msplora_config = config
-    announce_adapter(model, config)
-    return model

@@ -69,6 +69,15 @@ class LoraLevel(nn.Module):
                 + (", use_rslora=True" if self.use_rslora else ""))
 
 
+DEFAULT_ADAPTER = "default"
+
+
+def own_level_key(adapter_name: str, index: int) -> str:
+    """The key of an adapter's own level i in a layer's own_levels: "i" for the adapter named
+    "default", so that a model with one adapter has the names its files use; "<name>_i" for others."""
+    return str(index) if adapter_name == DEFAULT_ADAPTER else f"{adapter_name}_{index}"
+
+
 def _per_level(value, n: int, name: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -116,6 +125,7 @@ class MSPLoraLinear(nn.Module):
         dropout: float = 0.0,
         levels: Optional[Sequence[Optional[LoraLevel]]] = None,
         backend: Optional[str] = None,
+        adapter_name: str = DEFAULT_ADAPTER,
         device=None,
         dtype=None,
         _weight: Optional[nn.Parameter] = None,
@@ -150,11 +160,55 @@ class MSPLoraLinear(nn.Module):
         self.fan_in_fan_out = False
         self.init_lora_weights = check_init(init_lora_weights, "MSPLoraLinear")
         frozen = self.weight if _base_layer is None else _base_layer.weight
-        self._build_levels(ranks, lora_alpha, use_rslora, levels, frozen.device,
-                           (compute_dtype(_base_layer) if _base_layer is not None else frozen.dtype) if dtype is None
-                           else dtype)
+        # Several adapters may sit on one layer: each has its levels (adapter_levels[name], its own
+        # ones registered in own_levels under own_level_key) and dropout; the active ones' levels,
+        # joined, are what the layer computes with (_levels), so one adapter or several cost alike.
+        self.own_levels = nn.ModuleDict()
+        self.adapter_levels: dict[str, tuple] = {}
+        self.adapter_dropout: dict[str, float] = {}
+        self.active_adapters: tuple = ()
+        self._levels: tuple = ()
+        self.add_adapter(adapter_name, ranks=ranks, lora_alpha=lora_alpha, use_rslora=use_rslora, levels=levels,
+                         dropout=self.dropout, device=frozen.device,
+                         dtype=(compute_dtype(_base_layer) if _base_layer is not None else frozen.dtype)
+                         if dtype is None else dtype)
+        self.set_active((adapter_name,))
 
-    def _build_levels(self, ranks, lora_alpha, use_rslora, levels, device, dtype) -> None:
+    def add_adapter(self, name: str, *, ranks, lora_alpha, use_rslora: bool, levels, dropout: float, device,
+                    dtype) -> None:
+        """Give the layer another adapter's levels (inactive until set_active names it)."""
+        if name in self.adapter_levels:
+            raise ValueError(f"MSPLoraLinear: the layer already has an adapter named {name!r}")
+        self.adapter_levels[name] = self._build_levels(name, ranks, lora_alpha, use_rslora, levels, device, dtype)
+        self.adapter_dropout[name] = float(dropout)
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop an adapter's levels (its own ones deregistered) and leave the rest active."""
+        for i in range(len(self.adapter_levels.pop(name))):
+            self.own_levels.pop(own_level_key(name, i), None)
+        del self.adapter_dropout[name]
+        self.set_active(tuple(n for n in self.active_adapters if n != name))
+
+    def set_active(self, names) -> None:
+        """Compute with the levels of the adapters `names` (those this layer has), their updates
+        added. They must agree on dropout: the layer draws one mask."""
+        if self.merged:
+            raise ValueError("MSPLoraLinear.set_active: the layer has its adapter merged into the weight; unmerge "
+                             "first")
+        names = tuple(n for n in names if n in self.adapter_levels)
+        dropouts = {self.adapter_dropout[n] for n in names}
+        if len(dropouts) > 1:
+            raise ValueError(f"MSPLoraLinear: adapters {list(names)} differ in dropout ({sorted(dropouts)}); adapters "
+                             "active together on one layer share one dropout mask, so give them one dropout")
+        self.active_adapters = names
+        self._levels = tuple(lvl for n in names for lvl in self.adapter_levels[n])
+        self.dropout = dropouts.pop() if dropouts else 0.0
+        self.__dict__.pop("_joined_cache", None)
+
+    def levels_of(self, name: str) -> tuple:
+        return self.adapter_levels[name]
+
+    def _build_levels(self, name, ranks, lora_alpha, use_rslora, levels, device, dtype) -> tuple:
         # A passed-in level brings its own rank; `ranks` fills the entries left None.
         given = list(levels) if levels is not None else [None] * len(ranks)
         n = len(given)
@@ -163,14 +217,13 @@ class MSPLoraLinear(nn.Module):
         if any(lvl is None for lvl in given) and len(ranks) != n:
             raise ValueError(f"MSPLoraLinear: levels has {n} entries but ranks has {len(ranks)}")
         alphas = _per_level(lora_alpha, n, "lora_alpha")
-        self.own_levels = nn.ModuleDict()
         refs = []
         for i, (alpha, lvl) in enumerate(zip(alphas, given)):
             if lvl is None:
                 lvl = LoraLevel(self.in_features, self.out_features, ranks[i], alpha, use_rslora=use_rslora,
                                 init_lora_weights=self.init_lora_weights,
                                 device=device, dtype=dtype)
-                self.own_levels[str(i)] = lvl
+                self.own_levels[own_level_key(name, i)] = lvl
             elif (lvl.in_features, lvl.out_features) != (self.in_features, self.out_features):
                 raise ValueError(
                     f"MSPLoraLinear: levels[{i}] is for ({lvl.in_features} -> {lvl.out_features}) but this layer is "
@@ -178,7 +231,7 @@ class MSPLoraLinear(nn.Module):
                 )
             refs.append(lvl)
         # A plain tuple: nn.Module does not register its items, so shared levels stay owned by one module.
-        self._levels = tuple(refs)
+        return tuple(refs)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, **kwargs) -> "MSPLoraLinear":
@@ -226,15 +279,16 @@ class MSPLoraLinear(nn.Module):
         return tuple(lvl.scale for lvl in self._levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.merged or self.disabled) and self._needs_no_autograd(x):
+        base_only = self.merged or self.disabled or len(self._levels) == 0
+        if not base_only and self._needs_no_autograd(x):
             return self._forward_without_autograd(x)
         if self.base_layer is not None:
             y = self.base_layer(x)
-            if self.merged or self.disabled:
+            if base_only:
                 return y
             return msplora_add(y, x, [lvl.A for lvl in self._levels], [lvl.B for lvl in self._levels],
                                list(self.scales), dropout_p=self.dropout, training=self.training, backend=self.backend)
-        if self.merged or self.disabled:
+        if base_only:
             return nn.functional.linear(x, self.base_weight, self.bias)
         return msplora_linear(
             x,
@@ -339,7 +393,7 @@ class MSPLoraLinear(nn.Module):
         PEFT: first check that the merged weight is finite, and raise (merging nothing) if not. A
         quantized weight is dequantized, merged and quantized again, as PEFT does (with a warning:
         that adds rounding)."""
-        if self.merged:
+        if self.merged or len(self._levels) == 0:
             return
         delta = self.delta_weight()
         if safe_merge and not self.merge_is_finite(delta):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -15,46 +16,56 @@ from torch import nn
 from .._extras import require
 from ..ops.reference import lora_factors
 from .config import WEIGHTS_NAME
-from .full_tensors import expected_shapes, whole_copies
-from .factors import adapted_layers, require_adapter, saved_modules
-from .layer import LoraLevel
+from .adapter_tensors import adapter_entries
+from .factors import adapted_layers, adapter_named, saved_modules
+from .full_tensors import whole_copies
 
 
-def peft_lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def peft_lora_tensors(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
     """lora_A (R x in) and lora_B (out x R) per adapted layer, under PEFT's saved names, from whole
-    copies of the factors (gathered where an engine shards them: call it on every rank there)."""
-    from .adapter_io import adapter_state_dict
-
-    named = adapter_state_dict(model)
-    whole = whole_copies(named, expected_shapes(model, named), "export_peft")
-    level_names = {id(module): prefix for prefix, module in model.named_modules() if isinstance(module, LoraLevel)}
+    copies of one adapter's factors (gathered where an engine shards them: call it on every rank
+    there)."""
+    name = adapter_named(model, "export_peft", adapter_name)
+    entries = adapter_entries(model, name, "export_peft")
+    whole = whole_copies({e.file_key: e.tensor for e in entries}, {e.file_key: e.shape for e in entries}, "export_peft")
+    file_key = {id(e.tensor): e.file_key for e in entries}
     out = {}
     with torch.no_grad():
-        for path, layer in adapted_layers(model):
-            names = [level_names[id(lvl)] for lvl in layer.levels]
-            a, b = lora_factors([whole[f"{n}.A"] for n in names], [whole[f"{n}.B"] for n in names], layer.scales)
+        for path, levels in layers_with(model, name):
+            a, b = lora_factors([whole[file_key[id(lvl.A)]] for lvl in levels],
+                                [whole[file_key[id(lvl.B)]] for lvl in levels], [lvl.scale for lvl in levels])
             out[f"base_model.model.{path}.lora_A.weight"] = a.T.contiguous()
             out[f"base_model.model.{path}.lora_B.weight"] = b.T.contiguous()
-        for path, module in saved_modules(model):
-            for name, _ in module.named_parameters():
-                out[f"base_model.model.{path}.{name}"] = whole[f"{path}.{name}"].contiguous()
+        if model.msplora_factors.configs[name].modules_to_save:
+            for path, module in saved_modules(model):
+                for pname, _ in module.named_parameters():
+                    out[f"base_model.model.{path}.{pname}"] = whole[f"{path}.{pname}"].contiguous()
     return out
 
 
-def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None = None) -> int:
-    """Write a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors); returns its rank R
-    (the largest, where rank_pattern gives layers different ranks)."""
+def layers_with(model: nn.Module, name: str) -> list[tuple[str, tuple]]:
+    """(path, that adapter's levels) of every layer the adapter adapts."""
+    return [(path, layer.adapter_levels[name]) for path, layer in adapted_layers(model) if name in layer.adapter_levels]
+
+
+def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None = None,
+                adapter_name: Optional[str] = None) -> int:
+    """Write one adapter (the active one unless named) as a PEFT LoRA adapter (adapter_config.json,
+    adapter_model.safetensors); returns its rank R (the largest, where rank_pattern gives layers
+    different ranks)."""
     peft = require("peft", "export_peft")
     from safetensors.torch import save_file
 
-    config = require_adapter(model, "export_peft")
-    layers = adapted_layers(model)
-    if any(layer.merged for _, layer in layers):
+    name = adapter_named(model, "export_peft", adapter_name)
+    config = model.msplora_factors.configs[name]
+    if any(layer.merged for _, layer in adapted_layers(model)):
         raise ValueError("export_peft: some layers are merged; unmerge_adapter(model) first, or the export would count the update twice")
+    layers = layers_with(model, name)
     rank = sum(config.ranks)
     # Layers that rank_pattern gave other ranks: their own R, and alpha = R to keep the scaling 1.
     # Keys are escaped paths, which PEFT matches as regexes against each layer's path.
-    other = {re.escape(path): sum(layer.ranks) for path, layer in layers if sum(layer.ranks) != rank}
+    other = {re.escape(path): sum(lvl.rank for lvl in levels) for path, levels in layers
+             if sum(lvl.rank for lvl in levels) != rank}
     lora = peft.LoraConfig(
         r=rank,
         lora_alpha=rank,
@@ -62,13 +73,13 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None
         alpha_pattern=dict(other),
         target_modules=[path for path, _ in layers],
         lora_dropout=config.dropout,
-        fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),  # Conv1D bases (GPT-2)
+        fan_in_fan_out=any(model.get_submodule(path).fan_in_fan_out for path, _ in layers),  # Conv1D bases (GPT-2)
         bias="none",
         modules_to_save=list(config.modules_to_save) or None,
         base_model_name_or_path=base_model_name_or_path,
     )
     largest = max([rank, *other.values()])
-    tensors = peft_lora_tensors(model)  # on every rank: a sharded factor is gathered by all of them
+    tensors = peft_lora_tensors(model, name)  # on every rank: a sharded factor is gathered by all of them
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return largest
     directory = Path(directory)

@@ -13,37 +13,69 @@ from __future__ import annotations
 
 import copy
 import itertools
+from typing import Optional
 
 from torch import nn
 
-from .factors import FACTORS_ATTR, adapted_layers, require_adapter
+from .factors import FACTORS_ATTR, adapted_layers, adapter_named, require_adapter
+from .layer import DEFAULT_ADAPTER
 from .transformers_adapter import withdraw_adapter
 
 
-def shared_base_model(model: nn.Module) -> nn.Module:
-    """The base model without the adapter, in eval mode and frozen, sharing every parameter and
+def shared_base_model(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
+    """The base model without the adapter, in eval mode, sharing every parameter and
     buffer with `model` (nothing is copied but the module objects). Its outputs are those of
     `model` under disable_adapters. It reads the shared tensors as they are when it runs, so it
-    stays the base only while the base is frozen, as it is in MSPLoRA training."""
+    stays the base only while the base is frozen, as it is in MSPLoRA training.
+
+    With adapter_name, the base with that one adapter of `model` active instead (say a trained SFT
+    adapter, as the reference of a DPO run that trains another adapter): its outputs are those of
+    `model` with only that adapter set active. That adapter must not be one `model` trains."""
     require_adapter(model, "shared_base_model")
     merged = [path for path, layer in adapted_layers(model) if layer.merged]
     if merged:
         raise ValueError(f"shared_base_model: {len(merged)} layers have the adapter merged into their base weight "
                          f"(e.g. {merged[0]}), so the base is not there to share; call mk.unmerge_adapter(model) first")
+    factors = getattr(model, FACTORS_ATTR)
+    if adapter_name is not None:
+        adapter_named(model, "shared_base_model", adapter_name)
+        if adapter_name in factors.active:
+            raise ValueError(f"shared_base_model: {adapter_name!r} is active in the model, so it trains; a reference "
+                             "is an adapter the model does not train: set_adapter(model, ...) to the adapter to train "
+                             "first")
     # deepcopy with every tensor already in its memo copies the modules and keeps the tensors.
     tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     base = copy.deepcopy(model, memo=tensors)
-    factors = getattr(base, FACTORS_ATTR)
+    copied = getattr(base, FACTORS_ATTR)
     for path, layer in adapted_layers(base):
-        _put(base, path, layer.to_linear())
-    for path, original in zip(factors.saved_module_paths, factors.original_modules):
-        _put(base, path, original)
-    delattr(base, FACTORS_ATTR)
-    del base.msplora_config
+        for other in [n for n in layer.adapter_levels if n != adapter_name]:
+            layer.remove_adapter(other)
+        if adapter_name in layer.adapter_levels:
+            layer.set_active((adapter_name,))
+        else:
+            _put(base, path, layer.to_linear())
     withdraw_adapter(base)
+    if adapter_name is None:
+        for path, original in zip(copied.saved_module_paths, copied.original_modules):
+            _put(base, path, original)
+        delattr(base, FACTORS_ATTR)
+        del base.msplora_config
+    else:
+        # The copy keeps the one adapter's shared levels (their tensors the model's) and nothing
+        # of the others; its flags are set here, not by set_adapter, which would change the shared
+        # tensors' requires_grad in the model too.
+        for other in [n for n in copied.adapters if n != adapter_name]:
+            del copied.adapters[other]
+        if adapter_name != DEFAULT_ADAPTER:
+            copied.targets = nn.ModuleDict()
+        copied.configs = {adapter_name: copied.configs[adapter_name]}
+        copied.active = (adapter_name,)
+        base.msplora_config = copied.configs[adapter_name]
     # 4-bit layers keep the layout apply_msplora gave them: bitsandbytes repacks a weight in place
-    # when the other layout is asked for, and the tensor is the policy's.
-    return base.requires_grad_(False).eval()
+    # when the other layout is asked for, and the tensor is the policy's. requires_grad is left as
+    # it is: every tensor here is the model's, and the model froze all of them (the trained ones,
+    # the active adapter's and modules_to_save's, are not here).
+    return base.eval()
 
 
 def _put(model: nn.Module, path: str, module: nn.Module) -> None:

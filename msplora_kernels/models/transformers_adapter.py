@@ -22,9 +22,7 @@ import functools
 from torch import nn
 
 from .adapter_tensors import tensors_to_write
-from .config import MSPLoraConfig
 
-ADAPTER_NAME = "default"
 PEFT_KEY_PREFIX = "base_model.model."
 _ATTRIBUTES = ("_hf_peft_config_loaded", "peft_config", "active_adapters", "get_adapter_state_dict")
 
@@ -34,13 +32,14 @@ def is_transformers_model(model: nn.Module) -> bool:
     return hasattr(type(model), "_hf_peft_config_loaded") and hasattr(model, "save_pretrained")
 
 
-def announce_adapter(model: nn.Module, config: MSPLoraConfig) -> None:
-    """Set the attributes on a transformers model; other modules are left alone."""
+def announce_adapter(model: nn.Module, factors) -> None:
+    """Set the attributes on a transformers model (other modules are left alone), from the model's
+    adapters (factors.MSPLoraFactors: their configs and the active ones)."""
     if not is_transformers_model(model):
         return
     model._hf_peft_config_loaded = True
-    model.peft_config = {ADAPTER_NAME: config}
-    model.active_adapters = _active_adapters
+    model.peft_config = factors.configs
+    model.active_adapters = functools.partial(_active_adapters, factors)
     model.get_adapter_state_dict = functools.partial(_adapter_state_dict, model)
 
 
@@ -57,13 +56,11 @@ def without_peft_prefix(tensors: dict) -> dict:
     return tensors
 
 
-def _active_adapters() -> list[str]:
-    return [ADAPTER_NAME]
+def _active_adapters(factors) -> list[str]:
+    return list(factors.active)
 
 
 def _adapter_state_dict(model, adapter_name=None, state_dict=None):
     # transformers passes the whole model's state dict (the quantizer's, for a quantized base);
     # the adapter's tensors are read from the model instead, gathered where they are sharded.
-    if adapter_name not in (None, ADAPTER_NAME):
-        raise ValueError(f"get_adapter_state_dict: the model has one adapter, {ADAPTER_NAME!r}; got {adapter_name!r}")
-    return tensors_to_write(model, "save_pretrained")
+    return tensors_to_write(model, "save_pretrained", adapter_name)
