@@ -24,7 +24,7 @@ def _kind(command: str, data: dict) -> str:
     if "runs" in data:
         return "gemm floor"
     for flag, kind in (("--sweep", "sweep"), ("--model", "model step"), ("generate.py", "generate"),
-                       ("profile_ops", "op profile")):
+                       ("profile_ops", "op profile"), ("several_adapters.py", "several adapters")):
         if flag in command:
             return kind
     return "layer"
@@ -41,7 +41,9 @@ def _cells(data: dict) -> list[str]:
         return [f"sm{data['arch']}: {len(data['records'])} launches, {len(data.get('problems', []))} problems"]
     cells = []
     for r in data.get("records", []):
-        if r.get("kind") == "generate" and r.get("method") == "msplora_unmerged":
+        if "vs_one_loaded" in r:
+            cells.append(f"{r['kind']} {r['adapters']}: {float(r['ms']):.2f} ms, x one loaded {float(r['vs_one_loaded']):.3f}")
+        elif r.get("kind") == "generate" and r.get("method") == "msplora_unmerged":
             cells.append(f"{r['targets']} batch {r['batch']}: x merged tokens/s {float(r['vs_merged_tokens_per_s']):.3f}")
         elif str(r.get("method", "")).startswith("msplora") and r.get("backend") not in (None, "None", "torch") \
                 and r.get("method") != "msplora_naive":

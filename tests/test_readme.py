@@ -33,10 +33,11 @@ BASH_BLOCKS = [block for _, block in _blocks("bash")]
 def names_the_block_needs(block: str) -> dict:
     """What a block uses without defining it: a small model, or the functional form's tensors."""
     given = {}
-    if "base_model" in block:
-        # A tiny BERT classifier, as the Hugging Face block's `model` and `base_model`.
-        given["model"] = tiny_bert()
-        given["base_model"] = copy.deepcopy(given["model"])
+    # A tiny LLaMA where the block adapts LLaMA's layers or trains with TRL, else a tiny BERT
+    # classifier (the quick start's query/value), as `model` and a fresh copy as `base_model`.
+    llama = "q_proj" in block or "Trainer(model=" in block
+    given["model"] = tiny_llama() if llama else tiny_bert()
+    given["base_model"] = copy.deepcopy(given["model"])
     if "from_pretrained(path" in block:
         # A tiny LLaMA checkpoint (hidden 64: bitsandbytes' 4-bit block size, for the QLoRA blocks).
         if "BitsAndBytesConfig" in block:
@@ -45,14 +46,14 @@ def names_the_block_needs(block: str) -> dict:
         tiny_llama(hidden=64).save_pretrained(given["path"])
     if "train_dataset=dataset" in block:
         given["dataset"] = CountingSequences(n=16)
-    if "Trainer(model=model" in block and "tokenizer" in block:
+    if "Trainer(model=" in block and "tokenizer" in block:
         # TRL's trainers: a tiny LLaMA, a tokenizer made in code and small data sets of each shape
         # TRL takes (nothing downloaded).
         pytest.importorskip("trl")
         datasets = pytest.importorskip("datasets")
         from text_data import feedback, preferences, prompts, sentences, word_tokenizer
 
-        given.update(model=tiny_llama(), tokenizer=word_tokenizer(), preferences=preferences(), feedback=feedback(),
+        given.update(tokenizer=word_tokenizer(), preferences=preferences(), feedback=feedback(),
                      texts=datasets.Dataset.from_dict({"text": sentences(16)}), prompts=prompts())
     if "msplora_linear(x, weight" in block:
         x, weight, bias = torch.randn(4, 10, 64), torch.randn(32, 64) / 8, torch.randn(32)

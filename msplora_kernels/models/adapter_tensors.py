@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .factors import FACTORS_ATTR, adapted_layers, adapter_named, saved_modules
+from .factors import FACTORS_ATTR, adapted_layers, adapter_named, saved_modules, shared_key
 from .full_tensors import whole_copies
 from .layer import DEFAULT_ADAPTER, LoraLevel, own_level_key
 
@@ -38,8 +38,8 @@ def adapter_entries(model: nn.Module, adapter_name: Optional[str] = None, who: s
     name = adapter_named(model, who, adapter_name)
     factors = getattr(model, FACTORS_ATTR)
     entries = []
-    shared = factors if name == DEFAULT_ADAPTER else factors.adapters[name] if name in factors.adapters else None
-    model_root = FACTORS_ATTR if name == DEFAULT_ADAPTER else f"{FACTORS_ATTR}.adapters.{name}"
+    shared = factors.shared_levels(name, create=False)
+    model_root = FACTORS_ATTR if name == DEFAULT_ADAPTER else f"{FACTORS_ATTR}.adapters.{shared_key(name)}"
     if shared is not None:
         for target, levels in shared.targets.items():
             for level, groups in levels.items():

@@ -15,7 +15,6 @@ from torch import nn
 
 from .factors import FACTORS_ATTR, adapted_layers, adapter_named, require_adapter
 from .inject import activate, adapter_levels, apply_msplora, check_adapter_name
-from .layer import DEFAULT_ADAPTER
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -86,10 +85,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             parent, _, attr = path.rpartition(".")
             setattr(model.get_submodule(parent), attr, layer.to_linear())
             factors.layer_paths.remove(path)
-    if name == DEFAULT_ADAPTER:
-        factors.targets = nn.ModuleDict()
-    else:
-        del factors.adapters[name]
+    factors.drop_shared_levels(name)
     del factors.configs[name]
     activate(model, tuple(n for n in factors.active if n != name))
 

@@ -4,7 +4,8 @@ Shared levels (a level with a group count) live once, in one container registere
 model's root (`model.msplora_factors`); adapted layers only reference them. So
 model.parameters(), state_dict, DDP and FSDP2 see every tensor once. The adapter named
 "default" keeps its shared levels in the root container itself (`msplora_factors.targets`), the
-names its files use; every other adapter in `msplora_factors.adapters[name]`.
+names its files use; every other adapter in `msplora_factors.adapters["adapter_<name>"]` (the
+prefix keeps names such as "train", which TRL's recipes use, clear of nn.Module's attributes).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class AdapterFactors(nn.Module):
 
 class MSPLoraFactors(AdapterFactors):
     """The root container: the "default" adapter's shared levels (its own `targets`), every other
-    adapter's in adapters[name], each adapter's config (configs, in the order they were added)
+    adapter's in adapters[shared_key(name)], each adapter's config (configs, in the order they were added)
     and which are active; and, for the model as it was before any adapter, a frozen copy of each
     module in modules_to_save (original_modules[i] for saved_module_paths[i]), which
     disable_adapters puts back while it is active, as PEFT does."""
@@ -56,13 +57,26 @@ class MSPLoraFactors(AdapterFactors):
         # path -> bitsandbytes' CPU inference-layout switch of each 4-bit layer before MSPLoRA.
         self.quantized_cpu_inference: dict[str, bool] = {}
 
-    def shared_levels(self, adapter_name: str) -> AdapterFactors:
-        """The container of one adapter's shared levels, made when first asked for."""
+    def shared_levels(self, adapter_name: str, create: bool = True) -> Optional[AdapterFactors]:
+        """The container of one adapter's shared levels, made when first asked for (or None, with
+        create=False, where the adapter has none)."""
         if adapter_name == DEFAULT_ADAPTER:
             return self
-        if adapter_name not in self.adapters:
-            self.adapters[adapter_name] = AdapterFactors()
-        return self.adapters[adapter_name]
+        key = shared_key(adapter_name)
+        if key not in self.adapters and create:
+            self.adapters[key] = AdapterFactors()
+        return self.adapters[key] if key in self.adapters else None
+
+    def drop_shared_levels(self, adapter_name: str) -> None:
+        if adapter_name == DEFAULT_ADAPTER:
+            self.targets = nn.ModuleDict()
+        elif shared_key(adapter_name) in self.adapters:
+            del self.adapters[shared_key(adapter_name)]
+
+
+def shared_key(adapter_name: str) -> str:
+    """The key of an adapter other than "default" in the root container's adapters."""
+    return f"adapter_{adapter_name}"
 
 
 def saved_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

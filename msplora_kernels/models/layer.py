@@ -185,7 +185,8 @@ class MSPLoraLinear(nn.Module):
     def remove_adapter(self, name: str) -> None:
         """Drop an adapter's levels (its own ones deregistered) and leave the rest active."""
         for i in range(len(self.adapter_levels.pop(name))):
-            self.own_levels.pop(own_level_key(name, i), None)
+            if own_level_key(name, i) in self.own_levels:
+                del self.own_levels[own_level_key(name, i)]
         del self.adapter_dropout[name]
         self.set_active(tuple(n for n in self.active_adapters if n != name))
 

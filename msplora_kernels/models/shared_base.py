@@ -18,7 +18,6 @@ from typing import Optional
 from torch import nn
 
 from .factors import FACTORS_ATTR, adapted_layers, adapter_named, require_adapter
-from .layer import DEFAULT_ADAPTER
 from .transformers_adapter import withdraw_adapter
 
 
@@ -64,10 +63,8 @@ def shared_base_model(model: nn.Module, adapter_name: Optional[str] = None) -> n
         # The copy keeps the one adapter's shared levels (their tensors the model's) and nothing
         # of the others; its flags are set here, not by set_adapter, which would change the shared
         # tensors' requires_grad in the model too.
-        for other in [n for n in copied.adapters if n != adapter_name]:
-            del copied.adapters[other]
-        if adapter_name != DEFAULT_ADAPTER:
-            copied.targets = nn.ModuleDict()
+        for other in [n for n in copied.configs if n != adapter_name]:
+            copied.drop_shared_levels(other)
         copied.configs = {adapter_name: copied.configs[adapter_name]}
         copied.active = (adapter_name,)
         base.msplora_config = copied.configs[adapter_name]

@@ -14,6 +14,7 @@ from torch import nn
 
 from .base_layers import is_conv1d, check_base_weight
 from .config import ALL_LINEAR, MSPLoraConfig
+from .layer import MSPLoraLinear
 
 # The names of the module lists that hold a model's layers, unless the config's layers_pattern says.
 DEFAULT_LAYER_LISTS = ("layers", "layer", "h", "blocks", "block")
@@ -114,8 +115,24 @@ def _refuse_skipped_experts(model: nn.Module, config: MSPLoraConfig, linears: li
                      f"model target_modules={layer_names!r}, or a subset")
 
 
+def _linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every linear layer by path: nn.Linear, Conv1D, and the base layer of each MSPLoraLinear (an
+    adapted layer takes another adapter), but nothing inside an MSPLoraLinear or the adapters'
+    container (a quantized base kept there is no layer of its own)."""
+    found, inside = [], ()
+    for path, module in model.named_modules():
+        if not path or (inside and path.startswith(inside)) or path.split(".")[0] == "msplora_factors":
+            continue
+        if isinstance(module, MSPLoraLinear):
+            found.append((path, module.to_linear()))
+            inside = tuple({*inside, path + "."})
+        elif isinstance(module, nn.Linear) or is_conv1d(module):
+            found.append((path, module))
+    return found
+
+
 def find_sites(model: nn.Module, config: MSPLoraConfig) -> list[Site]:
-    linears = [(p, m) for p, m in model.named_modules() if p and (isinstance(m, nn.Linear) or is_conv1d(m))]
+    linears = _linears(model)
     _refuse_skipped_experts(model, config, linears)
     found = [(p, m) for p, m in linears if _targeted(p, config)]
     if not found:
