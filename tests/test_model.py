@@ -308,3 +308,14 @@ def test_safe_merge_refuses_a_non_finite_update_and_merges_nothing():
         want = model(ids).logits
         merged = mk.merge_and_unload(model, safe_merge=True)
         torch.testing.assert_close(merged(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_spread_over_devices_is_refused_naming_them():
+    # device_map across GPUs places layers on several devices; the meta device stands in for a
+    # second one here. Shared levels live on one device, so this is refused before any change.
+    model = tiny_llama()
+    model.model.layers[3:].to("meta")
+    with pytest.raises(ValueError, match=r"several devices \(cpu: 6 layers, e\.g\. model\.layers\.0\.self_attn\.q_proj; "
+                                         r"meta: 4 layers, e\.g\. model\.layers\.3\.self_attn\.q_proj\)"):
+        mk.apply_msplora(model, mk.MSPLoraConfig(target_modules=["q_proj", "v_proj"]))
+    assert not any(isinstance(m, mk.MSPLoraLinear) for m in model.modules())

@@ -58,6 +58,7 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_d
         _check_another_adapter(model, existing, config, adapter_name)
     sites = find_sites(model, config)
     _check_sharing(sites, config)
+    _check_one_device(sites)
 
     if existing is None:
         factors = MSPLoraFactors()
@@ -147,6 +148,22 @@ def _check_another_adapter(model: nn.Module, factors: MSPLoraFactors, config: MS
     if merged:
         raise ValueError(f"apply_msplora: {len(merged)} layers have an adapter merged into their weight (e.g. "
                          f"{merged[0]}); unmerge_adapter first")
+
+
+def _check_one_device(sites: list[Site]) -> None:
+    """Shared levels live once, on one device, and every layer that shares one reads it in its
+    forward; a model spread over several devices (device_map="auto", layers moved by hand) would
+    have layers read factors on another device. Refused until the factors are placed per device."""
+    by_device: dict[str, list[str]] = {}
+    for site in sites:
+        weight = site.linear.weight if site.linear.weight is not None else next(site.linear.parameters())
+        by_device.setdefault(str(weight.device), []).append(site.path)
+    if len(by_device) > 1:
+        where = "; ".join(f"{device}: {len(paths)} layers, e.g. {paths[0]}" for device, paths in by_device.items())
+        raise ValueError(f"apply_msplora: the targeted layers sit on several devices ({where}). Shared levels live "
+                         "once, on one device, and every layer that shares them reads them in its forward, so a model "
+                         "spread over devices (device_map across GPUs) is not supported yet: load it on one device, "
+                         "or shard it with FSDP2 or DeepSpeed ZeRO-3 (docs/distributed.md)")
 
 
 def _check_sharing(sites: list[Site], config: MSPLoraConfig) -> None:
