@@ -9,6 +9,7 @@ root), then shard each decoder block and the root; build the optimizer after sha
     torchrun --nproc_per_node 2 examples/train_fsdp.py --mode fsdp --steps 6 --resume ckpt.pt --out resumed.safetensors
     python examples/train_fsdp.py --mode single --steps 6 --out single.safetensors   # one process, same global batch
     torchrun --nproc_per_node 2 examples/train_fsdp.py --mode zero3 --steps 6 --adapter-dir adapter
+    torchrun --nproc_per_node 2 examples/train_fsdp.py --mode zero2 --steps 6 --adapter-dir adapter
 
 Under ZeRO-3 (`pip install deepspeed`; every parameter split across the ranks, however small)
 mk.save_adapter is called on every rank: it gathers each factor in turn and rank 0 writes.
@@ -29,7 +30,7 @@ import msplora_kernels as mk
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["single", "ddp", "fsdp", "zero3"], required=True)
+    p.add_argument("--mode", choices=["single", "ddp", "fsdp", "zero2", "zero3"], required=True)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=16)
@@ -44,7 +45,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.bf16_params and args.mode != "fsdp":
         p.error("--bf16-params is FSDP2's MixedPrecisionPolicy: use it with --mode fsdp")
-    if args.mode == "zero3" and (args.ckpt_at is not None or args.resume):
+    if args.mode in ("zero2", "zero3") and (args.ckpt_at is not None or args.resume):
         p.error("--ckpt-at and --resume are for ddp and fsdp; under zero3 use DeepSpeed's save_checkpoint")
     return args
 
@@ -64,18 +65,20 @@ def build_model(device):
     return model
 
 
-def zero3_engine(model, opt, micro_batch):
-    """DeepSpeed ZeRO-3 over the model, with every parameter partitioned (a persistence threshold
-    of 0: real models are split anyway) and no gradient clipping, as the single process trains."""
+def zero_engine(model, opt, micro_batch, stage):
+    """DeepSpeed ZeRO (stage 2: optimizer state and gradients partitioned; stage 3: parameters too,
+    every one of them: a persistence threshold of 0, as real models are split anyway) with no
+    gradient clipping, as the single process trains."""
     import deepspeed
 
+    zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}
     config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+              "zero_optimization": zero}
     engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     return engine, opt
 
 
-def zero3_adapter_tensors(engine, names):
+def zero_adapter_tensors(engine, names):
     """The adapter's parameters gathered as DeepSpeed gathers them: what a whole save must hold."""
     import deepspeed
 
@@ -127,8 +130,9 @@ def main(argv=None):
         fully_shard(model, mesh=mesh, **policy)  # the root: embeddings, head and the shared MSPLoRA factors
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
-    if args.mode == "zero3":
-        model, opt = zero3_engine(model, opt, args.global_batch // world)
+    zero = args.mode in ("zero2", "zero3")
+    if zero:
+        model, opt = zero_engine(model, opt, args.global_batch // world, stage=int(args.mode[-1]))
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     start = 0
@@ -145,7 +149,7 @@ def main(argv=None):
     per_rank = args.global_batch // world
     for step in range(start, args.steps):
         ids = global_batch(step, args, device)[rank * per_rank:(rank + 1) * per_rank]
-        if args.mode == "zero3":
+        if zero:
             loss = model(input_ids=ids, labels=ids).loss
             model.backward(loss)
             model.step()
@@ -163,7 +167,7 @@ def main(argv=None):
                 torch.save(state, args.ckpt)
 
     if args.out:
-        state = zero3_adapter_tensors(model, adapter_names) if args.mode == "zero3" else \
+        state = zero_adapter_tensors(model, adapter_names) if zero else \
             get_model_state_dict(model, options=full)
         if rank == 0:
             from safetensors.torch import save_file
@@ -171,7 +175,7 @@ def main(argv=None):
             save_file({k: state[k].contiguous() for k in adapter_names}, args.out)
     if args.adapter_dir:
         # On every rank: FSDP2's shards and ZeRO-3's partitions are gathered by all, rank 0 writes.
-        mk.save_adapter(model.module if args.mode == "zero3" else model, args.adapter_dir)
+        mk.save_adapter(model.module if zero else model, args.adapter_dir)
     if distributed:
         # Let every rank finish (rank 0 writes files) before tearing gloo down; an unsynchronized
         # teardown can abort a rank with "terminate called without an active exception".

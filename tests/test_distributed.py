@@ -90,11 +90,13 @@ def test_fsdp2_checkpoint_resumes_bit_identically(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (in the test extras)")
-def test_zero3_saves_the_whole_adapter_and_trains_as_one_process(tmp_path, single):
-    # Every parameter partitioned (persistence threshold 0): mk.save_adapter once wrote each
-    # factor as an empty tensor here, silently. It must write what DeepSpeed's own gather gives.
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_zero_saves_the_whole_adapter_and_trains_as_one_process(tmp_path, single, mode):
+    # ZeRO-3 with every parameter partitioned (persistence threshold 0): mk.save_adapter once wrote
+    # each factor as an empty tensor there, silently. It must write what DeepSpeed's own gather
+    # gives. ZeRO-2 partitions the optimizer state and gradients only.
     single, init = single
-    _run(tmp_path, "zero3", "--out", "gathered.st", "--adapter-dir", "adapter")
+    _run(tmp_path, mode, "--out", "gathered.st", "--adapter-dir", "adapter")
     gathered = _load(tmp_path / "gathered.st")
     saved = _load(tmp_path / "adapter" / "adapter_model.safetensors")
     assert saved.keys() == gathered.keys() == single.keys()
