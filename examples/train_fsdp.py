@@ -110,6 +110,8 @@ def main(argv=None):
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if rank == 0:
+        print(f"{args.mode}: {world} processes", flush=True)
 
     model = build_model(device)
     adapter_names = list(mk.adapter_state_dict(model))

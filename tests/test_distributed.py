@@ -1,5 +1,5 @@
-"""DDP, FSDP2 and DeepSpeed ZeRO-3 on the CPU (gloo, 2 local processes on loopback), through
-examples/train_fsdp.py.
+"""DDP (launched by torchrun and by accelerate), FSDP2 and DeepSpeed ZeRO-2 and ZeRO-3 on the
+CPU (gloo, 2 local processes on loopback), through examples/train_fsdp.py.
 
 Several training steps must give the same adapter as one process on the same global batch, the
 adapter saved with mk.save_adapter must hold every tensor whole, and an FSDP2 checkpoint must
@@ -29,11 +29,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp_path, mode, *extra, nproc=2, steps=STEPS):
+def _run(tmp_path, mode, *extra, nproc=2, steps=STEPS, launcher="torchrun"):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(3):
         if mode == "single":
             cmd = [sys.executable, str(SCRIPT)]
+        elif launcher == "accelerate":
+            # accelerate's launcher, as users start DDP with it: --multi_gpu with gloo on a CPU.
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+                   "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+                   f"--main_process_port={_free_port()}", str(SCRIPT)]
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                    "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT)]
@@ -47,6 +52,8 @@ def _run(tmp_path, mode, *extra, nproc=2, steps=STEPS):
         if proc.returncode == 0 or not ("address already in use" in text or teardown_abort):
             break
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # A launcher that started one process would make every comparison with one process trivial.
+    assert f"{mode}: {1 if mode == 'single' else nproc} processes" in proc.stdout, proc.stdout[-2000:]
 
 
 def _load(path):
@@ -63,10 +70,12 @@ def single(tmp_path_factory):
     return _load(tmp / "single.st"), _load(tmp / "init.st")
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_matches_single_process(tmp_path, single, mode):
+@pytest.mark.parametrize("mode, launcher", [("ddp", "torchrun"), ("fsdp", "torchrun"), ("ddp", "accelerate")])
+def test_matches_single_process(tmp_path, single, mode, launcher):
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate")
     single, init = single
-    _run(tmp_path, mode, "--out", "out.st", "--adapter-dir", "adapter")
+    _run(tmp_path, mode, "--out", "out.st", "--adapter-dir", "adapter", launcher=launcher)
     got = _load(tmp_path / "out.st")
     assert got.keys() == single.keys()
     # mk.save_adapter on the wrapped (DDP) or sharded (FSDP2) model writes the full adapter once.

@@ -96,14 +96,21 @@ def test_bash_command_exists(argv):
         targets = re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), flags=re.M)
         assert argv[1] in targets, f"no make target {argv[1]}"
         return
+    # torchrun and python -m <launcher> run a script: check the launcher's options against its own
+    # help and the script's against the script's.
+    if argv[0] == "torchrun":
+        argv = ["python", "-m", "torch.distributed.run", *argv[1:]]
     assert argv[0] == "python", argv
+    script = next((i for i, a in enumerate(argv) if a.endswith(".py")), None)
+    parts = []
     if argv[1] == "-m":
-        cmd = [sys.executable, "-m", argv[2], "--help"]
-    else:
-        assert (ROOT / argv[1]).is_file(), f"{argv[1]} does not exist"
-        cmd = [sys.executable, str(ROOT / argv[1]), "--help"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stderr[-2000:]
-    # Every option the README passes is one the command knows.
-    for option in [a.split("=")[0] for a in argv if a.startswith("--")]:
-        assert option in proc.stdout, f"{option} is not an option of {argv[1:3]}"
+        parts.append(([sys.executable, "-m", argv[2], "--help"], argv[3:script] if script else argv[3:]))
+    if script is not None:
+        assert (ROOT / argv[script]).is_file(), f"{argv[script]} does not exist"
+        parts.append(([sys.executable, str(ROOT / argv[script]), "--help"], argv[script + 1:]))
+    for cmd, args in parts:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stderr[-2000:]
+        # Every option the page passes is one the command knows.
+        for option in [a.split("=")[0] for a in args if a.startswith("--")]:
+            assert option in proc.stdout, f"{option} is not an option of {cmd[1:3]}"
