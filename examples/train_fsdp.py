@@ -20,6 +20,7 @@ from a config, so nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 
 import torch
@@ -175,6 +176,14 @@ def main(argv=None):
             from safetensors.torch import save_file
 
             save_file({k: state[k].contiguous() for k in adapter_names}, args.out)
+    if distributed and args.mode in ("ddp", "zero2"):
+        # Replicated engines: every rank must hold the same factors (the shared ones included).
+        local = mk.adapter_state_dict(model.module)
+        digest = hashlib.sha256(b"".join(local[k].detach().cpu().numpy().tobytes() for k in sorted(local))).hexdigest()
+        digests = [None] * world
+        dist.all_gather_object(digests, digest)
+        if rank == 0:
+            print(f"factors identical on every rank: {len(set(digests)) == 1}", flush=True)
     if args.adapter_dir:
         # On every rank: FSDP2's shards and ZeRO-3's partitions are gathered by all, rank 0 writes.
         mk.save_adapter(model.module if zero else model, args.adapter_dir)

@@ -54,6 +54,8 @@ def _run(tmp_path, mode, *extra, nproc=2, steps=STEPS, launcher="torchrun"):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     # A launcher that started one process would make every comparison with one process trivial.
     assert f"{mode}: {1 if mode == 'single' else nproc} processes" in proc.stdout, proc.stdout[-2000:]
+    if mode in ("ddp", "zero2"):
+        assert "factors identical on every rank: True" in proc.stdout, proc.stdout[-2000:]
 
 
 def _load(path):

@@ -253,3 +253,32 @@ def test_dpo_with_a_trained_adapter_as_the_reference(tmp_path):
         sft.eval()
         torch.testing.assert_close(reference(ids).logits, sft(ids).logits, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(model.eval()(ids).logits, sft(ids).logits, atol=1e-3)
+
+
+def test_counts_merge_and_push_take_an_adapter_by_name(tmp_path):
+    model = three_adapters()
+    alone_counts = mk.summary(mk.apply_msplora(tiny_llama(), mk.MSPLoraConfig(**QV, ranks=(4, 2, 2))))["total"]
+    assert mk.summary(model, "b")["total"] == alone_counts
+    assert mk.summary(model)["total"] == mk.summary(model, "default")["total"] != alone_counts
+    ids = tokens()
+    mk.set_adapter(model, "b")
+    want = model(ids).logits
+    mk.set_adapter(model, "default")
+    mk.merge_adapter(model, adapter_names="b")
+    assert mk.active_adapters(model) == ["b"]
+    torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+    mk.unmerge_adapter(model)
+
+    class Hub:  # huggingface_hub's HfApi, as far as push_to_hub uses it
+        def create_repo(self, repo_id, **kwargs):
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, folder_path, **kwargs):
+            import shutil
+
+            shutil.copytree(folder_path, tmp_path / "uploaded")
+
+    mk.push_to_hub(model, "org/b", api=Hub(), adapter_name="c")
+    pushed = mk.load_msplora(tiny_llama(), tmp_path / "uploaded")
+    assert pushed.msplora_config.target_modules == "all-linear"
+    assert "2/2/2" in (tmp_path / "uploaded" / "README.md").read_text()

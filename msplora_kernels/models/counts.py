@@ -3,16 +3,21 @@ from __future__ import annotations
 
 from torch import nn
 
-from .factors import adapted_layers, require_adapter
+from typing import Optional
 
-def summary(model: nn.Module) -> dict:
-    """Trainable parameters per level and in total, next to LoRA's count for the same layers
-    at the global rank (what the paper compares against; each layer's own, under rank_pattern)."""
-    config = require_adapter(model, "summary")
-    layers = adapted_layers(model)
+from .factors import adapted_layers, adapter_named
+
+
+def summary(model: nn.Module, adapter_name: Optional[str] = None) -> dict:
+    """One adapter's parameters (the active one unless named) per level and in total, next to
+    LoRA's count for the same layers at the global rank (what the paper compares against; each
+    layer's own, under rank_pattern), and the model's trainable parameters."""
+    name = adapter_named(model, "summary", adapter_name)
+    config = model.msplora_factors.configs[name]
+    layers = [(path, layer.levels_of(name)) for path, layer in adapted_layers(model) if name in layer.adapter_levels]
     per_level = []
     for level in range(config.num_levels):
-        unique = {id(layer.levels[level]): layer.levels[level] for _, layer in layers}
+        unique = {id(levels[level]): levels[level] for _, levels in layers}
         ranks = sorted({lvl.rank for lvl in unique.values()})
         per_level.append({
             "level": level,
@@ -22,7 +27,7 @@ def summary(model: nn.Module) -> dict:
             "params": sum(lvl.A.numel() + lvl.B.numel() for lvl in unique.values()),
         })
     total = sum(row["params"] for row in per_level)
-    lora = sum(layer.ranks[0] * (layer.in_features + layer.out_features) for _, layer in layers)
+    lora = sum(levels[0].rank * (levels[0].in_features + levels[0].out_features) for _, levels in layers)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # A 4-bit weight packs two values in a byte; count values, as PEFT does.
     every = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
@@ -30,8 +35,8 @@ def summary(model: nn.Module) -> dict:
             "adapted_layers": len(layers), "trainable": trainable, "all_params": every}
 
 
-def print_trainable_parameters(model: nn.Module) -> None:
-    s = summary(model)
+def print_trainable_parameters(model: nn.Module, adapter_name: Optional[str] = None) -> None:
+    s = summary(model, adapter_name)
     print(f"trainable params: {s['trainable']:,} || all params: {s['all_params']:,} || "
           f"trainable%: {100 * s['trainable'] / max(s['all_params'], 1):.4f}")
     for row in s["levels"]:

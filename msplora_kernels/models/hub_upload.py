@@ -12,12 +12,13 @@ from torch import nn
 from .._extras import require
 from .adapter_io import save_adapter
 from .counts import summary
-from .factors import require_adapter
+from .factors import adapter_named
 from .hub import REPO_ID
 
 
-def model_card(model: nn.Module, repo_id: str, base_model: Optional[str]) -> str:
-    config, counts = require_adapter(model, "push_to_hub"), summary(model)
+def model_card(model: nn.Module, repo_id: str, base_model: Optional[str], adapter_name: Optional[str] = None) -> str:
+    name = adapter_named(model, "push_to_hub", adapter_name)
+    config, counts = model.msplora_factors.configs[name], summary(model)
     base = f"base_model: {base_model}\n" if base_model else ""
     cls = type(model)
     if cls.__module__.startswith("transformers.") and base_model:
@@ -55,19 +56,19 @@ model = mk.load_msplora(base, "{repo_id}")
 
 def push_to_hub(model: nn.Module, repo_id: str, *, private: Optional[bool] = None, token=None,
                 revision: Optional[str] = None, commit_message: str = "Upload MSPLoRA adapter",
-                base_model: Optional[str] = None, api=None) -> str:
-    """Upload the adapter (adapter_config.json, adapter_model.safetensors) and a model card that
-    says how to load it to the Hub repo `repo_id`, creating the repo if needed; returns the repo's
-    URL. In a distributed run call it on every rank; only rank 0 uploads. `api` defaults to
-    huggingface_hub.HfApi(token=token)."""
-    require_adapter(model, "push_to_hub")
+                base_model: Optional[str] = None, api=None, adapter_name: Optional[str] = None) -> str:
+    """Upload one adapter (the active one unless named: adapter_config.json,
+    adapter_model.safetensors) and a model card that says how to load it to the Hub repo `repo_id`,
+    creating the repo if needed; returns the repo's URL. In a distributed run call it on every
+    rank; only rank 0 uploads. `api` defaults to huggingface_hub.HfApi(token=token)."""
+    name = adapter_named(model, "push_to_hub", adapter_name)
     if not REPO_ID.match(repo_id):
         raise ValueError(f"push_to_hub: repo_id must look like 'org/name', got {repo_id!r}")
     with tempfile.TemporaryDirectory() as folder:
-        save_adapter(model, folder)
+        save_adapter(model, folder, adapter_name=name)
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return f"https://huggingface.co/{repo_id}"
-        (Path(folder) / "README.md").write_text(model_card(model, repo_id, base_model))
+        (Path(folder) / "README.md").write_text(model_card(model, repo_id, base_model, name))
         if api is None:
             api = require("huggingface_hub", "push_to_hub").HfApi(token=token)
         repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

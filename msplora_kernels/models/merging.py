@@ -6,6 +6,7 @@ import contextlib
 from torch import nn
 
 from .full_tensors import is_sharded
+from .adapters import set_adapter
 from .transformers_adapter import withdraw_adapter
 from .factors import FACTORS_ATTR, adapted_layers, require_adapter
 
@@ -30,10 +31,13 @@ def _check_merge_finite(model: nn.Module, who: str) -> None:
                          f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}; nothing was merged")
 
 
-def merge_adapter(model: nn.Module, safe_merge: bool = False) -> None:
-    """Fold every adapter into its base weight in place (inference at nn.Linear speed).
+def merge_adapter(model: nn.Module, safe_merge: bool = False, adapter_names=None) -> None:
+    """Fold the active adapters into their base weights in place (inference at nn.Linear speed);
+    adapter_names (one name or several) makes those the active ones first, as set_adapter does.
     safe_merge, as in PEFT: check every merged weight is finite first, and merge nothing if not."""
     require_adapter(model, "merge_adapter")
+    if adapter_names is not None:
+        set_adapter(model, adapter_names)
     _refuse_sharded(model, "merge_adapter")
     if safe_merge:
         _check_merge_finite(model, "merge_adapter")
