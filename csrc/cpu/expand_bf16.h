@@ -23,7 +23,7 @@ namespace msplora {
 namespace expand_bf16 {
 
 // t's pairs for a tile's rows stay on the stack (2 KB). 128 takes llama2-7b's 64/32/16, where dx's
-// masked term ran 2432 us cold against 3266 for the library's product, mask pass and add (Zen 4).
+// masked term in one pass still beats the library's product, a mask pass and an add.
 constexpr int64_t kMaxRank = 128;
 constexpr int kRows = 8;          // rows of a tile: they share each load of b's pairs
 constexpr int64_t kCols = 32;     // columns of a tile: one mask word
@@ -40,7 +40,7 @@ inline bool applies(const at::Tensor& out, const at::Tensor& t, const at::Tensor
 // thin_product::pack_column_tiles(b, kCols): b's pairs of ranks, the columns in the lanes, a tile's
 // kCols columns of every pair in one contiguous run (tile j starts at word j * kCols * pairs). Compiled
 // apart for MASKED (job.p > 0) and not, so that the unmasked expand carries none of the mask's
-// code (Zen 4, 4096 x 768 x 14, hot: 372-506 against 395-537 us in four interleaved runs, one even).
+// code (a little faster in interleaved runs).
 template <bool MASKED>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rows(
     uint16_t* out, const uint16_t* t, int64_t r, const uint32_t* bp, int64_t n, const masking::MaskJob& job,
@@ -61,7 +61,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rows(
       }
     }
     // The next tile row's lines of out, a few per tile: left to the hardware prefetcher the kernel
-    // waited on out (Zen 4, 4096 x 768 x 14, interleaved: 553-573 -> 387 us hot, 601-624 -> 476 cold).
+    // waited on out (prefetched, it runs about a third faster hot and a fifth faster cold).
     const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(kRows, m1 - m - kRows));
     SpreadPrefetch<> ahead(out + (m + kRows) * n, next_rows * n * 2 / 64, tiles);
     for (int64_t c0 = 0; c0 < n; c0 += kCols) {
@@ -93,7 +93,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rows(
           __m512 term = acc[i][h];
           if constexpr (masked) term = _mm512_mul_ps(_mm512_mul_ps(term, _mm512_loadu_ps(keep + 16 * h)), scale);
           uint16_t* o = out + row * n + c0 + 16 * h;
-          // Masked only at a ragged end: masked stores are slow on some CPUs (AMD EPYC: 3x).
+          // Masked only at a ragged end: masked stores are several times slower on some CPUs.
           if (left >= 16) {
             const __m512 old = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)o)), 16));
             _mm256_storeu_si256((__m256i*)o, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(old, term)));

@@ -3,8 +3,8 @@
 // Two libraries can run a GEMM here: ATen's at::mm/addmm (MKL for fp32 on x86, oneDNN for bf16
 // where the CPU has AVX512-BF16) and oneDNN through mkldnn::_linear_pointwise, the op inductor
 // emits for CPU linears, on plain tensors. Which is faster depends on the CPU, the dtype and the
-// shape: on an AMD EPYC oneDNN runs fp32 GEMMs 2-2.5x faster than MKL, frozen and skinny alike
-// (bench/NOTES.md), while on other CPUs MKL may win. So with the cpu_gemm setting at "auto" (the
+// shape: on some CPUs oneDNN runs fp32 GEMMs twice as fast as MKL, frozen and skinny alike, while
+// on others MKL wins (bench/NOTES.md). So with the cpu_gemm setting at "auto" (the
 // default), the first call of each shape class times every candidate (library and, for the
 // skinny products, orientation) and keeps the fastest for the rest of the process. The setting
 // can instead name one library (orientation still measured) or one fixed candidate, which is how
@@ -166,7 +166,8 @@ constexpr int64_t kColdTimingBytes = 1 << 20;
 
 // The size of the last-level cache the calling core shares, from the size of cpu0's highest cache
 // instance in sysfs. glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) can report the whole package's L3
-// instead: 320 MB for the 32 MB instance of a 2-core Zen 4 VM, which made the sweep below 256 MB.
+// instead, ten times the instance a small VM's core shares, which made the sweep below that much
+// larger than it needs to be.
 inline size_t read_last_level_cache_bytes() {
   size_t bytes = 0;
   for (int index = 0; index < 8; ++index) {
@@ -193,16 +194,15 @@ inline size_t last_level_cache_bytes() {
 
 // Puts the machine in the state a GEMM of a training step meets (bench/NOTES.md):
 // - Caches cold: the frozen GEMMs in between stream the whole cache. Timed hot, the skinny
-//   products rank differently (AMD EPYC, bf16 roberta-base: dB = T^T dy 346 us on oneDNN against
-//   381 on ATen hot, 623 against 519 cold). A sweep over twice the last-level cache evicts it.
+//   products rank differently: the library that wins hot can lose cold. A sweep over twice the
+//   last-level cache evicts it.
 // - The heap given back to the system: a step's large frees let glibc trim it, so a fresh output
-//   is faulted in page by page (about 1 us a page there: 1.5 ms for a 4096 x 768 bf16 tensor),
-//   while a warm timing loop reuses one freed block and never pays that. Candidates that write in
-//   place pay nothing, and only this timing sees the difference (eleventh session: a frozen GEMM
-//   on oneDNN's sum post-op, a new output, measured faster than ATen's addmm_ in place warm, and
-//   cost 5 ms more per step).
+//   is faulted in page by page, while a warm timing loop reuses one freed block and never pays
+//   that. Candidates that write in place pay nothing, and only this timing sees the difference: a
+//   frozen GEMM into a new output once measured faster than ATen's addmm_ in place warm, and cost
+//   more in every step.
 // The sweep's buffer lives only while one choice is timed: kept for the process, it stayed in
-// the resident memory of every user of the op (256 MB on the Zen 4 VM above, sixteenth session).
+// the resident memory of every user of the op (bench/NOTES.md has the numbers of all three).
 class ColdCaches {
  public:
   ColdCaches() : bytes_(2 * last_level_cache_bytes()), sweep_(new unsigned char[bytes_]()) {}
@@ -353,9 +353,8 @@ inline at::Tensor product_with(const Candidate& c, const at::Tensor& a, const at
 }
 
 // A rank-R product a @ b of the adapter, row-major. `transposable` lets a transposed candidate run;
-// its column-major result is then copied (transpose.h), and timed with the copy: without it, dA at
-// llama2-7b bf16 chose aten:transposed (2082 us against 2236 plain) and paid 430 us more for
-// ATen's copy (Zen 4).
+// its column-major result is then copied (transpose.h), and timed with the copy: timed without
+// it, a transposed candidate won by less than the copy it then needed cost.
 inline at::Tensor product(const char* gemm, const at::Tensor& a, const at::Tensor& b, bool transposable = true) {
   if (a.numel() == 0 || b.numel() == 0) return at::mm(a, b);
   auto row_major_product = [&](const Candidate& cand) { return transpose::row_major(product_with(cand, a, b)); };
@@ -368,8 +367,7 @@ inline at::Tensor product(const char* gemm, const at::Tensor& a, const at::Tenso
 // (addmm, which F.linear runs) or oneDNN's linear, whichever was measured faster. w is (out, in),
 // any strides. The adapter's term is added into this output afterwards (add_expanded in
 // msplora_cpu.cpp), while the GEMM has left it in cache: the other order, the skinny term first
-// into a new tensor and the GEMM accumulating into it, cost 0.3-0.5 ms more per product at bf16
-// roberta-base on an AMD EPYC (bench/NOTES.md).
+// into a new tensor and the GEMM accumulating into it, measured slower (bench/NOTES.md).
 inline at::Tensor frozen_linear(const char* gemm, const at::Tensor& x, const at::Tensor& w,
                                 const c10::optional<at::Tensor>& bias) {
   const bool has_bias = bias.has_value() && bias->defined();

@@ -1,6 +1,6 @@
 // Prefetching a run of cache lines spread over the steps of a loop: a few lines a step, so that
 // the requests reach memory as a steady stream while the loop computes (a burst, or the hardware
-// prefetcher alone, left our kernels waiting on memory: bench/NOTES.md, fourteenth session).
+// prefetcher alone, left our kernels waiting on memory: bench/NOTES.md).
 #pragma once
 
 #include <cstdint>

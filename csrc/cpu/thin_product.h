@@ -2,12 +2,11 @@
 // AVX512-BF16 (vdpbf16ps). First out (M x R) = x (M x K) a (K x R): the shrink x A and dT = dy B^T.
 //
 // In a training step such a product reads x (or dy) from memory: the frozen GEMMs in between
-// stream the caches. There the libraries' GEMMs run at 10-15 GB/s of x, far below streaming
-// (AMD EPYC, bf16 4096 x 768 x 14: 630-880 us cold against 230-260 us for x.sum();
-// bench/NOTES.md, twelfth session). rows_of() walks x row by row, two rows at a time, with one
-// fp32 accumulator per (row, rank) summed along K, and prefetches the rows it will read next;
-// cold it takes 340-430 us there. From 12 ranks on, rows_in_lanes() is faster: the ranks in the
-// 16 lanes of one accumulator per row, 16 rows at a time, no horizontal sums (thirteenth session).
+// stream the caches. There the libraries' GEMMs read x at a fraction of streaming speed (a third
+// of x.sum()'s, bench/NOTES.md). rows_of() walks x row by row, two rows at a time, with one fp32
+// accumulator per (row, rank) summed along K, and prefetches the rows it will read next, which
+// roughly halves that gap. From 12 ranks on, rows_in_lanes() is faster: the ranks in the 16
+// lanes of one accumulator per row, 16 rows at a time, no horizontal sums.
 //
 // dT = dy B^T and dB = T^T dy both read dy. grads() makes one pass over it: each thread takes
 // chunks of dy's rows, computes their rows of dT as above (reading them from memory) and then,
@@ -99,7 +98,7 @@ inline Form form(const at::Tensor& a, const at::Tensor& b) {
 // with stride s1: word c is lo[c] | hi[c] << 16 up to `cols`, then zeros.
 inline void pack_pair_row(const uint16_t* lo, int64_t s0, int64_t s1, bool has_hi, int64_t cols, int64_t width,
                           uint32_t* row) {
-  if (s1 == 1 && has_hi) {  // contiguous rows: branch-free, so it vectorizes (llama2-7b's b: 250 -> 25 us)
+  if (s1 == 1 && has_hi) {  // contiguous rows: branch-free, so it vectorizes (ten times the scalar loop)
     const uint16_t* hi = lo + s0;
     for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<uint32_t>(lo[c]) | (static_cast<uint32_t>(hi[c]) << 16);
   } else if (s0 == 1 && has_hi) {  // column-major (a^T, dx's term): a pair is one little-endian word
@@ -133,8 +132,8 @@ inline int64_t column_tiles_words(const at::Tensor& m, int64_t tile) {
 // The same pairs with the columns in tiles of `tile`, each tile stored whole (b's rows with the
 // columns in lanes, expand_bf16.h): word [j][q][c] is column j * tile + c of pair q, zero past P
 // and Q; column_tiles_words(m, tile) words at dst. A kernel that walks the columns a tile at
-// a time reads one contiguous run per tile, not a line every 4Q bytes (the bf16 expand at
-// llama2-7b's R = 112: 1485-1517 -> 1334-1351 us hot, Zen 4).
+// a time reads one contiguous run per tile, not a line every 4Q bytes, which at large R cost a
+// new page for every load.
 inline void pack_column_tiles(const at::Tensor& m, int64_t tile, uint32_t* dst) {
   const int64_t p = m.size(0), q_cols = m.size(1), half = (p + 1) / 2, s0 = m.stride(0), s1 = m.stride(1);
   const uint16_t* src = reinterpret_cast<const uint16_t*>(m.data_ptr());
@@ -192,9 +191,8 @@ MSPLORA_BF16_TARGET void rows_of(const uint16_t* x, int64_t ldx, const uint16_t*
 // half is zero.
 constexpr int kLaneRows = 16;
 // From this rank on the ranks fill enough of the 16 lanes for rows_in_lanes() to match or beat
-// rows_of() (bf16 4096 x 768, AMD EPYC, interleaved, hot/cold us: R = 16 at 512 x 4096 239/284
-// against 524/613, R = 14 213/236 against 224/244, R = 12 224/266 against 221/251, R = 10
-// 233/250 against 202/239, R = 8 212/231 against 155/190).
+// rows_of(); below it the idle lanes cost more than the horizontal sums they save (measured at
+// ranks 8 to 16, bench/NOTES.md).
 constexpr int64_t kLanesMinRank = 12;
 MSPLORA_BF16_TARGET inline void rows_in_lanes(const uint16_t* x, int64_t ldx, const uint32_t* ap, int64_t k, int64_t r,
                                               uint16_t* out, int64_t m0, int64_t m1) {
@@ -208,7 +206,7 @@ MSPLORA_BF16_TARGET inline void rows_in_lanes(const uint16_t* x, int64_t ldx, co
     _Pragma("GCC unroll 16") for (int i = 0; i < kLaneRows; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t q = 0; q < full; ++q) {
       // The next 16 rows, one line per pair of columns: row q % 16, line q / 16, a steady stream
-      // of requests (a burst of 16 every 16 pairs was 8-10% slower cold on Zen 4).
+      // of requests (a burst of 16 every 16 pairs measured slower cold).
       const int64_t ahead = std::min<int64_t>(m + kLaneRows + (q & 15), next_last);
       _mm_prefetch(reinterpret_cast<const char*>(x + ahead * ldx + (q >> 4) * 32), _MM_HINT_T0);
       const __m512bh w = (__m512bh)_mm512_loadu_si512(ap + 16 * q);
@@ -226,7 +224,7 @@ MSPLORA_BF16_TARGET inline void rows_in_lanes(const uint16_t* x, int64_t ldx, co
     }
     // The n rows are one contiguous run of out: each row's 16 lanes are stored whole into a packed
     // buffer (the next row's store overwrites the spare lanes), then copied in one go; a masked
-    // store per row was slow (AMD EPYC).
+    // store per row was slow.
     uint16_t packed[kLaneRows * 16 + 16];
     _Pragma("GCC unroll 16") for (int i = 0; i < kLaneRows; ++i) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + i * r), (__m256i)_mm512_cvtneps_pbh(acc[i]));
@@ -317,8 +315,8 @@ MSPLORA_BF16_TARGET inline uint64_t pull(const uint16_t* y, int64_t ldy, int64_t
 }
 
 // The threads' partials of t^T y, a chunk of y's rows at a time (`rows` even): a thread's first
-// chunk pulled, each next one prefetched while the one before is summed (Zen 4, 4096 x 768 x 14:
-// 397-409 us cold against 467-478 when every chunk was pulled first).
+// chunk pulled, each next one prefetched while the one before is summed (faster cold than pulling
+// every chunk first).
 template <int R>
 void left_rank(const uint16_t* y, int64_t ldy, int64_t m, int64_t n, const uint32_t* tp, const uint16_t* zeros,
                float* buffers, int64_t n_pad, int64_t rows) {

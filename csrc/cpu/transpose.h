@@ -1,6 +1,6 @@
 // A row-major copy of a column-major 16-bit matrix, for the transposed GEMM candidates' results
-// (gemms.h, product). ATen's copy of a transposed bf16 tensor ran at about 3 GB/s (4096 x 112:
-// 280 us on a Zen 4 EPYC, 2 threads), more than the transposed product saves; here blocks of
+// (gemms.h, product). ATen's copy of a transposed bf16 tensor runs far below memory speed, and
+// cost more than the transposed product saves; here blocks of
 // 8 rows x 32 columns go through three rounds of unpacks into eight 16-byte columns each.
 #pragma once
 

@@ -47,9 +47,9 @@ at::Tensor fp32_zeros(int64_t rows, int64_t cols, const at::Tensor& like) {
 
 // Whether the rank-R products go to cuBLAS (tensor cores), our kernels then only applying the
 // mask, instead of to our fused kernels, which do R fp32 FMAs per element on CUDA cores and read
-// their input once per 16 ranks. Predicted from H100 rates (67 TFLOP/s fp32, 3.35 TB/s), not yet
-// timed: in bf16 our kernels turn compute-bound near R = 20, and at R = 112 cost about 5-7 passes'
-// worth of time over x or dy, against 2-4 passes for cuBLAS plus a separate mask pass; up to
+// their input once per 16 ranks. Predicted from a GPU's datasheet rates (bench/cost_model.py), not
+// yet timed: in bf16 our kernels turn compute-bound at a few tens of ranks, and at the largest
+// ranks cost more passes' worth of time over x or dy than cuBLAS plus a separate mask pass; up to
 // R = 64 they stay within that. The cuda_skinny setting (settings.h) may force one way.
 constexpr int64_t kMaxKernelRank = 64;
 
