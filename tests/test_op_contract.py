@@ -30,7 +30,7 @@ def contract_args(name, dtype, p):
         assert by_name[arg].shape == (SIZES["M"], words)
     seed = torch.tensor([424242], dtype=torch.int64)
     args = []
-    for arg in contract._arg_names(spec):
+    for arg in contract.arg_names(spec):
         args.append(by_name[arg] if arg in by_name else p if arg == "p" else seed)
     return args
 
@@ -47,7 +47,7 @@ def _compare(name, got, want, dtype):
 def check_op_table(ops, backend_dtypes, names=contract.REQUIRED):
     for dtype in [d for d in TOL if backend_dtypes is None or d in backend_dtypes]:
         for name in names:
-            for p in ((0.0, 0.3) if "p" in contract._arg_names(contract.SPECS[name]) else (0.0,)):
+            for p in ((0.0, 0.3) if "p" in contract.arg_names(contract.SPECS[name]) else (0.0,)):
                 args = contract_args(name, dtype, p)
                 got = getattr(ops, name)(*args)
                 want = getattr(reference, name)(*args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .contract import SPECS, arg_names
 from .reference import dropout_mask, unpack_mask
 
 
@@ -116,25 +117,29 @@ def _dropout_keep_mask(ctx, g, g_bits):
 
 
 # op name -> (backward, the inputs it saves, the index of p, the output it saves)
+# Each op's derivative, the inputs it saves (by their names in the op's schema, contract.py), and
+# the output it saves, by index, if any. The dropout probability, where the op takes one, is its
+# argument `p`.
 FORMULAS = {
-    "shrink": (_shrink, (0, 1, 3), 2, None),
-    "expand_linear": (_expand_linear, (0, 1, 3, 4), None, None),
-    "grad_t_b": (_grad_t_b, (0, 1, 2), None, None),
-    "grad_x": (_grad_x, (0, 1, 2, 3, 5), 4, None),
-    "grad_a": (_grad_a, (0, 1, 3), 2, None),
-    "dropout_mask": (_dropout_mask, (), 1, None),
-    "dropout": (_dropout, (2,), 1, None),
-    "shrink_expand_linear": (_shrink_expand_linear, (0, 1, 3, 4, 6), 5, 1),
-    "shrink_keep_mask": (_shrink_keep_mask, (0, 1, 3), 2, None),
-    "grad_x_bits": (_grad_x, (0, 1, 2, 3, 4), 5, None),
-    "grad_a_bits": (_grad_a, (0, 1, 2), 3, None),
-    "dropout_keep_mask": (_dropout_keep_mask, (2,), 1, None),
+    "shrink": (_shrink, ("x", "a", "seed"), None),
+    "expand_linear": (_expand_linear, ("x", "weight", "t", "b"), None),
+    "grad_t_b": (_grad_t_b, ("dy", "t", "b"), None),
+    "grad_x": (_grad_x, ("dy", "weight", "dt", "a", "seed"), None),
+    "grad_a": (_grad_a, ("x", "dt", "seed"), None),
+    "dropout_mask": (_dropout_mask, (), None),
+    "dropout": (_dropout, ("seed",), None),
+    "shrink_expand_linear": (_shrink_expand_linear, ("x", "weight", "a", "b", "seed"), 1),
+    "shrink_keep_mask": (_shrink_keep_mask, ("x", "a", "seed"), None),
+    "grad_x_bits": (_grad_x, ("dy", "weight", "dt", "a", "bits"), None),
+    "grad_a_bits": (_grad_a, ("x", "dt", "bits"), None),
+    "dropout_keep_mask": (_dropout_keep_mask, ("seed",), None),
 }
 
 
 def register(namespace: str, names) -> None:
     """Register the derivatives of the ops `names` of `namespace`."""
     for name in names:
-        backward, saved, p_index, saved_output = FORMULAS[name]
-        torch.library.register_autograd(f"{namespace}::{name}", backward,
-                                        setup_context=_setup(saved, p_index, saved_output))
+        backward, saved, saved_output = FORMULAS[name]
+        args = arg_names(SPECS[name])
+        torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=_setup(
+            [args.index(a) for a in saved], args.index("p") if "p" in args else None, saved_output))
