@@ -94,11 +94,12 @@ _optimizer_hook = []
 
 
 def _optimizer_steps_so_far() -> int:
-    if not _optimizer_hook:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+    if _optimizer_hook:
+        return _optimizer_steps[0]
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        _optimizer_hook.append(register_optimizer_step_post_hook(
-            lambda *_: _optimizer_steps.__setitem__(0, _optimizer_steps[0] + 1)))
+    _optimizer_hook.append(register_optimizer_step_post_hook(
+        lambda *_: _optimizer_steps.__setitem__(0, _optimizer_steps[0] + 1)))
     return _optimizer_steps[0]
 
 
@@ -303,8 +304,10 @@ class MSPLoraLinear(nn.Module):
             backend=self.backend,
         )
 
-    def _factors(self) -> tuple:
-        return tuple(t for lvl in self._levels for t in (lvl.A, lvl.B))
+    def _factors(self) -> list:
+        # Read from the levels' parameter dicts: nn.Module's attribute lookup of a parameter costs
+        # more than the rest of a one-token call's bookkeeping together.
+        return [t for lvl in self._levels for t in (lvl._parameters["A"], lvl._parameters["B"])]
 
     def _needs_no_autograd(self, x: torch.Tensor) -> bool:
         """Whether this call can skip the autograd Function: no gradient can flow (grad mode off, or
@@ -327,7 +330,7 @@ class MSPLoraLinear(nn.Module):
             # data under the same Parameter (.to(), `p.data = ...`) or an in-place change; and any
             # optimizer step since. Writes through `p.data` by hand are not seen: join anew then with
             # a mode switch (.train() or .eval() drops the joined factors).
-            key = [_optimizer_steps_so_far(), *[(id(t), t.data_ptr(), t._version) for t in factors]]
+            key = (_optimizer_steps_so_far(), *[(id(t), t.data_ptr(), t._version) for t in factors])
         except RuntimeError:  # inference tensors keep no version: join anew each call
             key = None
         cached = self.__dict__.get("_joined_cache")
@@ -337,7 +340,8 @@ class MSPLoraLinear(nn.Module):
         if self.base_layer is None:
             check_inputs(x, self.base_weight, self.bias, As, Bs, list(self.scales), 0.0)
         with torch.no_grad():
-            joined = joined_factors(As, Bs, list(self.scales), x.dtype)
+            a, b = joined_factors(As, Bs, list(self.scales), x.dtype)
+            joined = (a.t().contiguous(), b)  # a transposed, as add_joined_update takes it
         # The factors stay referenced with their ids, so that an id is never reused by another tensor.
         self.__dict__["_joined_cache"] = None if key is None else ((x.dtype, x.device), key, factors, joined)
         return joined
@@ -357,13 +361,21 @@ class MSPLoraLinear(nn.Module):
                 return msplora_add(y, x, [lvl.A for lvl in self._levels], [lvl.B for lvl in self._levels],
                                    list(self.scales), backend=self.backend)
         else:
-            w = self.base_weight
+            # The parameter dict, not attribute lookups: at one token those cost as much as an op.
+            w, bias = self._parameters["weight"], self._parameters.get("bias")
+            w = w.t() if self.fan_in_fan_out else w
             if x.dim() < 1 or x.shape[-1] != self.in_features or x.dtype != w.dtype or x.device != w.device:
-                check_inputs(x, w, self.bias, [lvl.A for lvl in self._levels], [lvl.B for lvl in self._levels],
+                check_inputs(x, w, bias, [lvl.A for lvl in self._levels], [lvl.B for lvl in self._levels],
                              list(self.scales), 0.0)
-            y = nn.functional.linear(x, w, self.bias)
-        a, b = self._joined_for(x)
-        return add_joined_update(y, x, a, b)
+            if x.dim() > 2 and x.is_contiguous():
+                # Flattened once, so that the three ops below need no reshapes of their own.
+                flat = x.view(-1, x.shape[-1])
+                a_t, b = self._joined_for(x)
+                y = add_joined_update(nn.functional.linear(flat, w, bias), flat, a_t, b)
+                return y.view(*x.shape[:-1], y.shape[-1])
+            y = nn.functional.linear(x, w, bias)
+        a_t, b = self._joined_for(x)
+        return add_joined_update(y, x, a_t, b)
 
     @property
     def frozen_dtype(self) -> torch.dtype:

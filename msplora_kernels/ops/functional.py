@@ -5,6 +5,7 @@ import contextlib
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .autograd import FusedLoRAAddFunction, FusedMSPLoRAFunction, joined_factors
 from .backends import resolve_backend
@@ -112,13 +113,19 @@ def msplora_add(
         return FusedLoRAAddFunction.apply(y, x2d, p, seed, name, tuple(float(s) for s in scales), *As, *Bs)
 
 
-def add_joined_update(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def add_joined_update(y: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """y += (x a) b in place and returns y: the adapter's term at inference, with the levels
-    joined once (joined_factors: a = [s_1 A_1 | ... | s_n A_n], b = [B_1; ...; B_n], in x's dtype).
-    y is the base output for x, a tensor of its own; no dropout, no autograd: for calls that need
-    no gradient, where the autograd Function's fixed costs would outweigh a token's GEMMs."""
-    if x.dim() == 2 and y.is_contiguous():  # no reshapes: at one token each op is most of the cost
-        return y.addmm_(x.mm(a), b)
+    joined once (joined_factors: a = [s_1 A_1 | ... | s_n A_n], b = [B_1; ...; B_n], in x's dtype)
+    and a passed transposed, a_t = a^T as an (R, in_features) row-major tensor. y is the base
+    output for x, a tensor of its own; no dropout, no autograd: for calls that need no gradient,
+    where the autograd Function's fixed costs would outweigh a token's GEMMs.
+
+    The shrink runs as F.linear(x, a_t), nn.Linear's own call: at a few tokens the library's
+    skinny matrix product (x.mm(a)) costs several times more than its linear path, and F.linear
+    takes x of any rank without a reshape. The expand adds into y in place."""
+    t = F.linear(x, a_t)
+    if y.dim() == 2 and y.is_contiguous():
+        return y.addmm_(t, b)
     y = y if y.is_contiguous() else y.contiguous()
-    y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]).mm(a), b)
+    y.view(-1, y.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]), b)
     return y
