@@ -136,19 +136,15 @@ def test_what_trl_casts_is_what_the_callback_restores(checkpoint, tmp_path):
 
 
 def test_dpo_on_a_quantized_model_with_the_shared_base_as_reference(checkpoint, tmp_path):
-    trl = pytest.importorskip("trl")
-    from text_data import preferences, word_tokenizer
+    pytest.importorskip("trl")
+    from dpo_runs import assert_starts_at_the_reference_and_learns, dpo_trainer
 
     model = mk.apply_msplora(from_pretrained_quantized(checkpoint, "nf4-double"),
                              mk.MSPLoraConfig(**{**CONFIG, "dropout": 0.0}))
     reference = mk.shared_base_model(model)
-    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=5e-2,
-                         logging_steps=1, report_to=[], use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0)
-    trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args, processing_class=word_tokenizer(),
-                             train_dataset=preferences(), callbacks=[mk.SaveAdapterCallback()])
+    trainer = dpo_trainer(model, tmp_path, steps=3, ref_model=reference, callbacks=[mk.SaveAdapterCallback()])
     trainer.train()
-    losses = _losses(trainer)
-    assert abs(losses[0] - 0.6931) < 1e-3 and losses[-1] < losses[0], losses
+    assert_starts_at_the_reference_and_learns(trainer)
     assert all(t.dtype == torch.float32 for t in mk.adapter_state_dict(model).values())
     ids = tokens()
     model.eval()

@@ -62,7 +62,7 @@ def test_active_together_their_updates_add(tmp_path):
     x = torch.randn(3, 10, 32, dtype=torch.float64)
     want = torch.nn.functional.linear(x, layer.weight.double())
     for name in ["b", "c"]:
-        for lvl in layer.levels_of(name):
+        for lvl in layer.adapter_levels[name]:
             want = want + lvl.scale * (x @ lvl.A.double()) @ lvl.B.double()
     mk.set_adapter(model, ["b", "c"])
     assert mk.active_adapters(model) == ["b", "c"]
@@ -110,7 +110,7 @@ def test_one_adapter_saved_from_three_loads_alone_with_the_same_outputs(tmp_path
 def test_delete_adapter_frees_its_factors_and_plain_layers_come_back():
     model = three_adapters()
     mk.set_adapter(model, "b")
-    c_factor = weakref.ref(model.model.layers[0].mlp.gate_proj.levels_of("c")[2].A)
+    c_factor = weakref.ref(model.model.layers[0].mlp.gate_proj.adapter_levels["c"][2].A)
     c_shared = weakref.ref(model.msplora_factors.adapters["adapter_c"].targets["gate_proj"]["level0"]["group0"].A)
     mk.delete_adapter(model, "c")
     gc.collect()
@@ -164,7 +164,7 @@ def test_a_weighted_combination_is_the_weighted_sum_of_the_updates():
         layer = model.get_submodule(path)
 
         def update(name):
-            return sum(lvl.scale * lvl.A.double() @ lvl.B.double() for lvl in layer.levels_of(name))
+            return sum(lvl.scale * lvl.A.double() @ lvl.B.double() for lvl in layer.adapter_levels[name])
 
         want = weights[0] * update("default") + weights[1] * update("b")
         torch.testing.assert_close(update("mix"), want, rtol=1e-6, atol=1e-7)
@@ -222,8 +222,8 @@ def test_the_trainer_resumes_an_adapter_that_is_not_default(tmp_path):
 
 
 def test_dpo_with_a_trained_adapter_as_the_reference(tmp_path):
-    trl = pytest.importorskip("trl")
-    from text_data import preferences, word_tokenizer
+    pytest.importorskip("trl")
+    from dpo_runs import assert_shares_every_tensor, assert_starts_at_the_reference_and_learns, dpo_trainer
 
     torch.manual_seed(0)
     sft = mk.apply_msplora(tiny_llama(), mk.MSPLoraConfig(**QV, dropout=0.0))
@@ -238,16 +238,10 @@ def test_dpo_with_a_trained_adapter_as_the_reference(tmp_path):
         mk.shared_base_model(model, "train")
     reference = mk.shared_base_model(model, "reference")
     assert all(not t.requires_grad for t in mk.adapter_state_dict(model, "reference").values())
-    ours = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    assert all(t.data_ptr() in ours for t in [*reference.parameters(), *reference.buffers()])
-    args = trl.DPOConfig(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
-                         learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
-                         dataloader_num_workers=0, seed=0)
-    trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args, processing_class=word_tokenizer(),
-                             train_dataset=preferences())
+    assert_shares_every_tensor(reference, model)
+    trainer = dpo_trainer(model, tmp_path / "out", steps=3, ref_model=reference)
     trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert abs(losses[0] - 0.6931) < 1e-3 and losses[-1] < losses[0], losses  # policy == reference at step 0
+    assert_starts_at_the_reference_and_learns(trainer)  # at step 0 the policy is the reference
     ids = tokens(vocab=19)
     with torch.no_grad():
         sft.eval()

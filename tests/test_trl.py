@@ -1,13 +1,13 @@
 """Fine-tuning an MSPLoRA causal LM with TRL's SFTTrainer: offline, a tiny LLaMA and a data set and
 tokenizer built in code; the adapter is saved by SaveAdapterCallback and loads on a fresh base."""
-import itertools
 
 import pytest
 import torch
 
 import msplora_kernels as mk
 from models import tiny_llama
-from text_data import feedback, preferences, prompts, sentences, word_tokenizer
+from dpo_runs import assert_shares_every_tensor, assert_starts_at_the_reference_and_learns, dpo_trainer
+from text_data import feedback, prompts, sentences, word_tokenizer
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -40,14 +40,6 @@ def test_sft_trainer_trains_and_saves_the_adapter(tmp_path):
     torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
 
 
-def _dpo(model, tmp_path, name, steps):
-    args = trl.DPOConfig(output_dir=str(tmp_path / name), max_steps=steps, per_device_train_batch_size=4,
-                         learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
-                         precompute_ref_log_probs=True, dataloader_num_workers=0, seed=0)
-    return trl.DPOTrainer(model=model, ref_model=None, args=args, processing_class=word_tokenizer(),
-                          train_dataset=preferences())
-
-
 def test_dpo_without_a_second_model_takes_the_base_as_reference(tmp_path):
     # With precompute_ref_log_probs, DPOTrainer scores the reference with the policy before
     # training: a new MSPLoRA adapter changes nothing at init, so that is the base model, and no
@@ -55,11 +47,10 @@ def test_dpo_without_a_second_model_takes_the_base_as_reference(tmp_path):
     # a model built in code does not have).
     torch.manual_seed(0)
     model = mk.apply_msplora(tiny_llama(), mk.MSPLoraConfig(target_modules=["q_proj", "v_proj"], dropout=0.0))
-    trainer = _dpo(model, tmp_path, "dpo", steps=4)
+    trainer = dpo_trainer(model, tmp_path / "dpo", steps=4, precompute=True)
     assert trainer.ref_model is None
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert abs(losses[0] - 0.6931) < 1e-3 and losses[-1] < losses[0], losses  # ln 2: policy == reference
+    assert_starts_at_the_reference_and_learns(trainer)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in mk.adapter_state_dict(model).items()
                if k.endswith(".B"))
     # The reference TRL precomputed is the adapter-off model's: the summed log-probabilities of
@@ -123,17 +114,10 @@ def test_dpo_scores_the_reference_with_the_shared_base_model(source, tmp_path):
         base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     model = mk.apply_msplora(base, mk.MSPLoraConfig(target_modules=["q_proj", "v_proj"], dropout=0.0))
     reference = mk.shared_base_model(model)
-    ours = {p.data_ptr() for p in itertools.chain(model.parameters(), model.buffers())}
-    theirs = [t for t in itertools.chain(reference.parameters(), reference.buffers())]
-    assert theirs and all(t.data_ptr() in ours for t in theirs)  # one copy of the base in the process
-    args = trl.DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=4, per_device_train_batch_size=4,
-                         learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
-                         dataloader_num_workers=0, seed=0)
-    trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args, processing_class=word_tokenizer(),
-                             train_dataset=preferences())
+    assert_shares_every_tensor(reference, model)  # one copy of the base in the process
+    trainer = dpo_trainer(model, tmp_path / "dpo", steps=4, ref_model=reference)
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert abs(losses[0] - 0.6931) < 1e-3 and losses[-1] < losses[0], losses
+    assert_starts_at_the_reference_and_learns(trainer)
     # After training, the reference still scores as the policy with its adapter off, and the policy
     # does not.
     model.eval()

@@ -18,7 +18,7 @@ from .adapter_tensors import adapter_entries, adapter_state_dict, tensors_to_wri
 from .adapters import delete_adapter
 from .hub import adapter_folder
 from ..errors import AdapterMismatchError
-from .factors import adapter_named, require_adapter
+from .factors import FACTORS_ATTR, adapter_named, require_adapter
 from .inject import apply_msplora
 from .layer import DEFAULT_ADAPTER
 from .merging import unload
@@ -189,7 +189,7 @@ def load_msplora(model: nn.Module, directory, *, adapter_name: str = DEFAULT_ADA
     each other adapter in a sub-folder of its name: load that sub-folder."""
     directory = adapter_folder(directory, revision=revision, token=token, cache_dir=cache_dir)
     config = MSPLoraConfig.from_pretrained(directory)
-    had_adapters = hasattr(model, "msplora_factors")
+    had_adapters = hasattr(model, FACTORS_ATTR)
     apply_msplora(model, config, autocast_adapter_dtype=autocast_adapter_dtype, adapter_name=adapter_name)
     try:
         load_adapter(model, directory, adapter_name)

@@ -13,8 +13,9 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from .factors import FACTORS_ATTR, adapted_layers, adapter_named, require_adapter
-from .inject import activate, adapter_levels, apply_msplora, check_adapter_name
+from .factors import (FACTORS_ATTR, adapted_layers, adapter_named, layers_with, refuse_merged, replace_module,
+                      require_adapter)
+from .inject import activate, apply_msplora, check_adapter_name
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -43,10 +44,7 @@ def set_adapter(model: nn.Module, names: Union[str, Sequence[str]]) -> None:
     if len(dropouts) > 1:
         raise ValueError(f"set_adapter: adapters {list(names)} differ in dropout ({sorted(dropouts)}); adapters active "
                          "together share one dropout mask per layer")
-    merged = [path for path, layer in adapted_layers(model) if layer.merged]
-    if merged:
-        raise ValueError(f"set_adapter: {len(merged)} layers have the active adapter merged into their weight (e.g. "
-                         f"{merged[0]}); unmerge_adapter first")
+    refuse_merged(model, "set_adapter")
     activate(model, names)
 
 
@@ -75,15 +73,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         others = [n for n in factors.configs if n != name]
         raise ValueError(f"delete_adapter: {name!r} is the active adapter; set_adapter(model, ...) to another one "
                          f"({others}) first")
-    if any(layer.merged for _, layer in adapted_layers(model)):
-        raise ValueError("delete_adapter: some layers have adapters merged into their weight; unmerge_adapter first")
+    refuse_merged(model, "delete_adapter")
     for path, layer in adapted_layers(model):
         if name not in layer.adapter_levels:
             continue
         layer.remove_adapter(name)
         if not layer.adapter_levels:
-            parent, _, attr = path.rpartition(".")
-            setattr(model.get_submodule(parent), attr, layer.to_linear())
+            replace_module(model, path, layer.to_linear())
             factors.layer_paths.remove(path)
     factors.drop_shared_levels(name)
     del factors.configs[name]
@@ -114,15 +110,16 @@ def add_weighted_adapter(model: nn.Module, names: Sequence[str], weights: Sequen
     ranks = tuple(sum(c.ranks[level] for c in configs) for level in range(len(first.ranks)))
     combined = dataclasses.replace(first, ranks=ranks, lora_alpha=list(ranks), use_rslora=False, init_lora_weights=True,
                                    dropout=first.dropout)
-    apply_msplora(model, combined, adapter_name=new_name)
+    apply_msplora(model, combined, adapter_name=new_name)  # inactive, and frozen, as any added adapter
+    joined = set()  # a shared level is met at every layer that reads it: join it once
     with torch.no_grad():
-        for _, layer in adapted_layers(model):
-            if new_name not in layer.adapter_levels:
-                continue
-            for level, new in enumerate(layer.adapter_levels[new_name]):
+        for path, levels in layers_with(model, new_name):
+            layer = model.get_submodule(path)
+            for level, new in enumerate(levels):
+                if id(new) in joined:
+                    continue
+                joined.add(id(new))
                 sources = [layer.adapter_levels[n][level] for n in names]
                 new.A.copy_(torch.cat([s.A.to(new.A.dtype) for s in sources], dim=1))
                 new.B.copy_(torch.cat([(w * s.scale * s.B.double()).to(new.B.dtype) for w, s in zip(weights, sources)]))
-    for lvl in adapter_levels(model, new_name):
-        lvl.requires_grad_(new_name in getattr(model, FACTORS_ATTR).active)
 

@@ -5,7 +5,7 @@ from torch import nn
 
 from typing import Optional
 
-from .factors import adapted_layers, adapter_named
+from .factors import adapter_named, layers_with
 
 
 def summary(model: nn.Module, adapter_name: Optional[str] = None) -> dict:
@@ -14,7 +14,7 @@ def summary(model: nn.Module, adapter_name: Optional[str] = None) -> dict:
     layer's own, under rank_pattern), and the model's trainable parameters."""
     name = adapter_named(model, "summary", adapter_name)
     config = model.msplora_factors.configs[name]
-    layers = [(path, layer.levels_of(name)) for path, layer in adapted_layers(model) if name in layer.adapter_levels]
+    layers = layers_with(model, name)
     per_level = []
     for level in range(config.num_levels):
         unique = {id(levels[level]): levels[level] for _, levels in layers}

@@ -79,6 +79,15 @@ def shared_key(adapter_name: str) -> str:
     return f"adapter_{adapter_name}"
 
 
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Put `module` at `path` in the model, and return the one that was there."""
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    previous = getattr(parent, attr)
+    setattr(parent, attr, module)
+    return previous
+
+
 def saved_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The modules_to_save of the adapter, by path."""
     factors = getattr(model, FACTORS_ATTR)
@@ -87,6 +96,21 @@ def saved_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def adapted_layers(model: nn.Module) -> list[tuple[str, MSPLoraLinear]]:
     return [(p, m) for p, m in model.named_modules() if isinstance(m, MSPLoraLinear)]
+
+
+def layers_with(model: nn.Module, adapter_name: str) -> list[tuple[str, tuple]]:
+    """(path, that adapter's levels) of every layer the adapter adapts."""
+    return [(path, layer.adapter_levels[adapter_name]) for path, layer in adapted_layers(model)
+            if adapter_name in layer.adapter_levels]
+
+
+def refuse_merged(model: nn.Module, who: str, why: str = "") -> None:
+    """Raise when some layers hold an adapter merged into their weight (naming one, and `why`
+    that matters to `who`): the call needs the base weights apart from the adapters."""
+    merged = [path for path, layer in adapted_layers(model) if layer.merged]
+    if merged:
+        raise ValueError(f"{who}: {len(merged)} layers have an adapter merged into their weight (e.g. {merged[0]})"
+                         f"{why}; call mk.unmerge_adapter(model) first")
 
 
 def require_adapter(model: nn.Module, who: str) -> MSPLoraConfig:

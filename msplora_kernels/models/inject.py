@@ -15,7 +15,7 @@ from torch import nn
 
 from .base_layers import compute_dtype, hold_trainable_layout, linear_features
 from .config import MSPLoraConfig, group_of
-from .factors import FACTORS_ATTR, MSPLoraFactors, adapted_layers
+from .factors import FACTORS_ATTR, MSPLoraFactors, adapted_layers, refuse_merged, replace_module
 from .layer import DEFAULT_ADAPTER, LoraLevel, MSPLoraLinear
 from .transformers_adapter import announce_adapter
 from .targets import Site, find_sites, matches
@@ -101,8 +101,7 @@ def apply_msplora(model: nn.Module, config: MSPLoraConfig, *, autocast_adapter_d
                                           use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
                                           dropout=config.dropout, levels=levels, backend=config.backend, dtype=dtype,
                                           adapter_name=adapter_name)
-        parent_path, _, attr = site.path.rpartition(".")
-        setattr(model.get_submodule(parent_path), attr, layer)
+        replace_module(model, site.path, layer)
         factors.layer_paths.append(site.path)
     for path in factors.saved_module_paths:
         model.get_submodule(path).requires_grad_(True)
@@ -119,21 +118,12 @@ def activate(model: nn.Module, names: tuple) -> None:
     factors = getattr(model, FACTORS_ATTR)
     for _, layer in adapted_layers(model):
         layer.set_active(names)
+        for name, levels in layer.adapter_levels.items():
+            for lvl in levels:  # a shared level is met once per layer that reads it: the flag is the same
+                lvl.requires_grad_(name in names)
     factors.active = tuple(names)
-    for name in factors.configs:
-        for lvl in adapter_levels(model, name):
-            lvl.requires_grad_(name in names)
     model.msplora_config = factors.configs[names[0]]
     announce_adapter(model, factors)
-
-
-def adapter_levels(model: nn.Module, name: str) -> list[LoraLevel]:
-    """Every level of one adapter, once."""
-    seen = {}
-    for _, layer in adapted_layers(model):
-        for lvl in layer.adapter_levels.get(name, ()):
-            seen[id(lvl)] = lvl
-    return list(seen.values())
 
 
 def _check_another_adapter(model: nn.Module, factors: MSPLoraFactors, config: MSPLoraConfig, name: str) -> None:
@@ -144,10 +134,7 @@ def _check_another_adapter(model: nn.Module, factors: MSPLoraFactors, config: MS
         raise ValueError("apply_msplora: modules_to_save with several adapters on one model is not supported yet "
                          "(each adapter would need its own trained copy); give the adapters no modules_to_save, or "
                          "use one adapter per model")
-    merged = [path for path, layer in adapted_layers(model) if layer.merged]
-    if merged:
-        raise ValueError(f"apply_msplora: {len(merged)} layers have an adapter merged into their weight (e.g. "
-                         f"{merged[0]}); unmerge_adapter first")
+    refuse_merged(model, "apply_msplora")
 
 
 def _check_one_device(sites: list[Site]) -> None:

@@ -207,9 +207,6 @@ class MSPLoraLinear(nn.Module):
         self.dropout = dropouts.pop() if dropouts else 0.0
         self.__dict__.pop("_joined_cache", None)
 
-    def levels_of(self, name: str) -> tuple:
-        return self.adapter_levels[name]
-
     def _build_levels(self, name, ranks, lora_alpha, use_rslora, levels, device, dtype) -> tuple:
         # A passed-in level brings its own rank; `ranks` fills the entries left None.
         given = list(levels) if levels is not None else [None] * len(ranks)
@@ -354,6 +351,7 @@ class MSPLoraLinear(nn.Module):
         """The base output plus (x A) B with the levels joined once: evaluation and generation,
         where a token's GEMMs cost less than the Function's fixed per-call work. What the caller
         passes is checked on every call, as nn.Linear checks it, with the errors of msplora_linear."""
+        inputs = x
         if self.base_layer is not None:
             y = self.base_layer(x)
             if y.dtype != x.dtype or y.device != x.device or y.shape[:-1] != x.shape[:-1]:
@@ -368,14 +366,12 @@ class MSPLoraLinear(nn.Module):
                 check_inputs(x, w, bias, [lvl.A for lvl in self._levels], [lvl.B for lvl in self._levels],
                              list(self.scales), 0.0)
             if x.dim() > 2 and x.is_contiguous():
-                # Flattened once, so that the three ops below need no reshapes of their own.
-                flat = x.view(-1, x.shape[-1])
-                a_t, b = self._joined_for(x)
-                y = add_joined_update(nn.functional.linear(flat, w, bias), flat, a_t, b)
-                return y.view(*x.shape[:-1], y.shape[-1])
-            y = nn.functional.linear(x, w, bias)
+                # Flattened once, so that the three ops need no reshapes of their own.
+                inputs = x.view(-1, x.shape[-1])
+            y = nn.functional.linear(inputs, w, bias)
         a_t, b = self._joined_for(x)
-        return add_joined_update(y, x, a_t, b)
+        y = add_joined_update(y, inputs, a_t, b)
+        return y if inputs is x else y.view(*x.shape[:-1], y.shape[-1])
 
     @property
     def frozen_dtype(self) -> torch.dtype:

@@ -8,7 +8,7 @@ from torch import nn
 from .full_tensors import is_sharded
 from .adapters import set_adapter
 from .transformers_adapter import withdraw_adapter
-from .factors import FACTORS_ATTR, adapted_layers, require_adapter
+from .factors import FACTORS_ATTR, adapted_layers, replace_module, require_adapter
 
 
 def _refuse_sharded(model: nn.Module, who: str) -> None:
@@ -56,11 +56,7 @@ def _swap_saved_modules(model: nn.Module) -> None:
     trained one for the original, or back."""
     factors = getattr(model, FACTORS_ATTR)
     for i, path in enumerate(factors.saved_module_paths):
-        parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path)
-        current = getattr(parent, attr)
-        setattr(parent, attr, factors.original_modules[i])
-        factors.original_modules[i] = current
+        factors.original_modules[i] = replace_module(model, path, factors.original_modules[i])
 
 
 @contextlib.contextmanager
@@ -100,8 +96,7 @@ def _unload(model: nn.Module, merge: bool, who: str, safe_merge: bool = False) -
             layer.merge()
         elif layer.merged:
             layer.unmerge()
-        parent_path, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), attr, layer.to_linear())
+        replace_module(model, path, layer.to_linear())
     for path, previous in factors.quantized_cpu_inference.items():
         model.get_submodule(path).support_avx512bf16_for_cpu = previous
     delattr(model, FACTORS_ATTR)

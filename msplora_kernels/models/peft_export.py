@@ -17,7 +17,7 @@ from .._extras import require
 from ..ops.reference import lora_factors
 from .config import WEIGHTS_NAME
 from .adapter_tensors import adapter_entries
-from .factors import adapted_layers, adapter_named, saved_modules
+from .factors import adapter_named, layers_with, refuse_merged, saved_modules
 from .full_tensors import whole_copies
 
 
@@ -43,11 +43,6 @@ def peft_lora_tensors(model: nn.Module, adapter_name: Optional[str] = None) -> d
     return out
 
 
-def layers_with(model: nn.Module, name: str) -> list[tuple[str, tuple]]:
-    """(path, that adapter's levels) of every layer the adapter adapts."""
-    return [(path, layer.adapter_levels[name]) for path, layer in adapted_layers(model) if name in layer.adapter_levels]
-
-
 def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None = None,
                 adapter_name: Optional[str] = None) -> int:
     """Write one adapter (the active one unless named) as a PEFT LoRA adapter (adapter_config.json,
@@ -58,8 +53,7 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None
 
     name = adapter_named(model, "export_peft", adapter_name)
     config = model.msplora_factors.configs[name]
-    if any(layer.merged for _, layer in adapted_layers(model)):
-        raise ValueError("export_peft: some layers are merged; unmerge_adapter(model) first, or the export would count the update twice")
+    refuse_merged(model, "export_peft", ", which the export would count twice")
     layers = layers_with(model, name)
     rank = sum(config.ranks)
     # Layers that rank_pattern gave other ranks: their own R, and alpha = R to keep the scaling 1.

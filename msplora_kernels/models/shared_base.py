@@ -17,7 +17,7 @@ from typing import Optional
 
 from torch import nn
 
-from .factors import FACTORS_ATTR, adapted_layers, adapter_named, require_adapter
+from .factors import FACTORS_ATTR, adapted_layers, adapter_named, refuse_merged, replace_module, require_adapter
 from .transformers_adapter import withdraw_adapter
 
 
@@ -31,10 +31,7 @@ def shared_base_model(model: nn.Module, adapter_name: Optional[str] = None) -> n
     adapter, as the reference of a DPO run that trains another adapter): its outputs are those of
     `model` with only that adapter set active. That adapter must not be one `model` trains."""
     require_adapter(model, "shared_base_model")
-    merged = [path for path, layer in adapted_layers(model) if layer.merged]
-    if merged:
-        raise ValueError(f"shared_base_model: {len(merged)} layers have the adapter merged into their base weight "
-                         f"(e.g. {merged[0]}), so the base is not there to share; call mk.unmerge_adapter(model) first")
+    refuse_merged(model, "shared_base_model", ", so the base is not there to share")
     factors = getattr(model, FACTORS_ATTR)
     if adapter_name is not None:
         adapter_named(model, "shared_base_model", adapter_name)
@@ -52,11 +49,11 @@ def shared_base_model(model: nn.Module, adapter_name: Optional[str] = None) -> n
         if adapter_name in layer.adapter_levels:
             layer.set_active((adapter_name,))
         else:
-            _put(base, path, layer.to_linear())
+            replace_module(base, path, layer.to_linear())
     withdraw_adapter(base)
     if adapter_name is None:
         for path, original in zip(copied.saved_module_paths, copied.original_modules):
-            _put(base, path, original)
+            replace_module(base, path, original)
         delattr(base, FACTORS_ATTR)
         del base.msplora_config
     else:
@@ -74,7 +71,3 @@ def shared_base_model(model: nn.Module, adapter_name: Optional[str] = None) -> n
     # the active adapter's and modules_to_save's, are not here).
     return base.eval()
 
-
-def _put(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent), name, module)

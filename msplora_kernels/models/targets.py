@@ -99,12 +99,9 @@ def _refuse_skipped_experts(model: nn.Module, config: MSPLoraConfig, linears: li
         return
     if config.target_modules == ALL_LINEAR:
         named = experts
-    elif isinstance(config.target_modules, str):
-        named = [(n, s) for n, s in experts if matches(n.rpartition(".")[0], config.target_modules)
-                 or matches(n, config.target_modules)]
-    else:
-        named = [(n, s) for n, s in experts for t in config.target_modules
-                 if matches(n.rpartition(".")[0], [t]) or matches(n, [t])]
+    else:  # a target naming the experts' module or the weight itself
+        named = [(n, s) for n, s in experts
+                 if matches(n.rpartition(".")[0], config.target_modules) or matches(n, config.target_modules)]
     if not named:
         return
     shown = ", ".join(f"{n} {s}" for n, s in named[:4]) + (f" and {len(named) - 4} more" if len(named) > 4 else "")
